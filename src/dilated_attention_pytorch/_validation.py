@@ -1,0 +1,153 @@
+"""Argument checks shared by every public entry point. Each message names the argument, the value
+and the rule it breaks."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .patterns import OFFSET_RULES, head_groups_of
+
+BACKENDS = ("auto", "portable", "reference")
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, but got {value!r} of type {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, but got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, but got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def check_dropout(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, but got {value!r} of type {type(value).__name__}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), but got {value}")
+    return float(value)
+
+
+def check_scale(name: str, value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or None, but got {value!r} of type {type(value).__name__}")
+    if not (float(value) > 0.0 and float(value) < float("inf")):
+        raise ValueError(f"{name} must be a finite positive number, but got {value}")
+    return float(value)
+
+
+def check_patterns(segment_lengths: Any, dilation_rates: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """segment_lengths and dilation_rates: non-empty sequences of positive ints, same length, r <= w."""
+    for name, value in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise TypeError(f"{name} must be a sequence of ints, but got {value!r}")
+        if len(value) == 0:
+            raise ValueError(f"{name} must not be empty")
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            "segment_lengths and dilation_rates must have the same length, but got "
+            f"{len(segment_lengths)} segment lengths {list(segment_lengths)} and "
+            f"{len(dilation_rates)} dilation rates {list(dilation_rates)}"
+        )
+    ws = tuple(check_int(f"segment_lengths[{i}]", w) for i, w in enumerate(segment_lengths))
+    rs = tuple(check_int(f"dilation_rates[{i}]", r) for i, r in enumerate(dilation_rates))
+    for i, (w, r) in enumerate(zip(ws, rs)):
+        if r > w:
+            raise ValueError(
+                f"dilation_rates[{i}] must be <= segment_lengths[{i}], but got dilation {r} > segment {w}"
+            )
+    return ws, rs
+
+
+def check_offsets(offsets: Any, dilation_rates: Sequence[int], num_heads: Optional[int], head_groups: bool) -> Any:
+    """A rule name, or offsets[i][j] with values in [0, r_i); j indexes the heads that use pattern i
+    (or all heads). Without num_heads, the lengths are checked later, once the heads are known."""
+    if isinstance(offsets, str):
+        if offsets not in OFFSET_RULES:
+            raise ValueError(f"offsets must be one of {OFFSET_RULES} or a list of lists, but got {offsets!r}")
+        return offsets
+    if not isinstance(offsets, Sequence) or len(offsets) != len(dilation_rates):
+        raise ValueError(
+            f"explicit offsets must be a list with one list per pattern ({len(dilation_rates)}), "
+            f"but got {offsets!r}"
+        )
+    rows = []
+    for i, (row, r) in enumerate(zip(offsets, dilation_rates)):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise TypeError(f"offsets[{i}] must be a list of ints, but got {row!r}")
+        for j, o in enumerate(row):
+            check_int(f"offsets[{i}][{j}]", o, minimum=0)
+            if o >= r:
+                raise ValueError(f"offsets[{i}][{j}] must be in [0, dilation_rates[{i}]={r}), but got {o}")
+        rows.append(tuple(int(o) for o in row))
+    if num_heads is not None:
+        users = head_groups_of(num_heads, len(dilation_rates), head_groups)
+        for i, row in enumerate(rows):
+            if len(row) not in (len(users[i]), num_heads):
+                raise ValueError(
+                    f"offsets[{i}] must have one entry per head that uses pattern {i} ({len(users[i])}) "
+                    f"or per head ({num_heads}), but got {len(row)} entries"
+                )
+    return tuple(rows)
+
+
+def check_backend(backend: Any) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, but got {backend!r}")
+    return backend
+
+
+def check_qkv(query: Any, key: Any, value: Any) -> None:
+    """query (b, n, h, d); key and value (b, n, h_kv, d) with h % h_kv == 0."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, but got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), but got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, but got dtype {t.dtype}")
+        if t.numel() == 0 and t.shape[1] != 0:
+            raise ValueError(f"{name} must not be empty, but got shape {tuple(t.shape)}")
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape, but got {tuple(key.shape)} and {tuple(value.shape)}")
+    b, n, h, d = query.shape
+    if key.shape[0] != b or key.shape[1] != n or key.shape[3] != d:
+        raise ValueError(
+            "key must have shape (batch, seq, kv_heads, head_dim) matching query's batch, seq and head_dim "
+            f"{(b, n, '*', d)}, but got {tuple(key.shape)}"
+        )
+    if n == 0:
+        raise ValueError("query must have at least one token (seq >= 1), but got seq = 0")
+    if h % key.shape[2] != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({key.shape[2]})")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must have one dtype, but got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on one device, but got {query.device}, {key.device}, {value.device}"
+        )
+
+
+def check_key_padding_mask(mask: Any, query: torch.Tensor) -> Optional[torch.Tensor]:
+    """(b, n) bool, True = padding (as in nn.MultiheadAttention)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor or None, but got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must have dtype torch.bool (True = padding), but got {mask.dtype}")
+    expected = (query.shape[0], query.shape[1])
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"key_padding_mask must have shape (batch, seq) = {expected}, but got {tuple(mask.shape)}")
+    if mask.device != query.device:
+        raise ValueError(f"key_padding_mask must be on the device of query ({query.device}), but got {mask.device}")
+    return mask

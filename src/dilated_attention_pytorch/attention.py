@@ -1,0 +1,84 @@
+"""``BaseDilatedAttention`` and ``DilatedAttention``: modules over :func:`dilated_attention`."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import DilatedAttentionConfig
+from .functional import dilated_attention
+
+__all__ = ["BaseDilatedAttention", "DilatedAttention"]
+
+
+class BaseDilatedAttention(nn.Module):
+    """Holds a validated :class:`DilatedAttentionConfig`; subclasses choose how attention runs.
+
+    Input ``query (b, n, h, d)``, ``key``/``value (b, n, h_kv, d)``; output ``(b, n, h, d)``.
+    Dropout applies in training mode only.
+    """
+
+    config: DilatedAttentionConfig
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        softmax_scale: Optional[float] = None,
+        attention_dropout: float = 0.0,
+        *,
+        offsets: Union[str, Sequence[Sequence[int]]] = "paper",
+        head_groups: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.config = DilatedAttentionConfig(
+            segment_lengths, dilation_rates, softmax_scale, attention_dropout, offsets, head_groups, backend
+        )
+
+    @property
+    def segment_lengths(self) -> tuple[int, ...]:
+        return tuple(self.config.segment_lengths)
+
+    @property
+    def dilation_rates(self) -> tuple[int, ...]:
+        return tuple(self.config.dilation_rates)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"segment_lengths={list(c.segment_lengths)}, dilation_rates={list(c.dilation_rates)}, "
+            f"offsets={c.offsets!r}, head_groups={c.head_groups}, dropout={c.dropout}, backend={c.backend!r}"
+        )
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        is_causal: bool,
+        key_padding_mask: Optional[torch.Tensor],
+        backend: str,
+    ) -> torch.Tensor:
+        c = self.config
+        return dilated_attention(
+            query, key, value, c.segment_lengths, c.dilation_rates, is_causal=is_causal, scale=c.softmax_scale,
+            dropout_p=c.dropout if self.training else 0.0, offsets=c.offsets, head_groups=c.head_groups,
+            key_padding_mask=key_padding_mask, backend=backend,
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        is_causal: bool = False,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return self._attend(query, key, value, is_causal, key_padding_mask, self.config.backend)
+
+
+class DilatedAttention(BaseDilatedAttention):
+    """LongNet dilated attention (SPEC §1) over the best available single-device backend."""

@@ -1,0 +1,86 @@
+"""``dilated_attention``: validate, choose a backend, run (SPEC §1–2)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _validation as V
+from .patterns import OffsetRule
+from .portable import portable_dilated_attention
+from .reference import REFERENCE_MAX_SCORES, reference_dilated_attention
+
+__all__ = ["dilated_attention"]
+
+
+def dilated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    offsets: OffsetRule = "paper",
+    head_groups: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Exact LongNet dilated attention: ``softmax(scale·QKᵀ + log C) V`` (SPEC §1).
+
+    Args:
+        query: ``(b, n, h, d)``.
+        key, value: ``(b, n, h_kv, d)`` with ``h % h_kv == 0`` (grouped-query attention).
+        segment_lengths, dilation_rates: the patterns ``(w_i, r_i)``; any ``n``, no divisibility needed.
+        is_causal: query ``t`` sees only keys ``u <= t``.
+        scale: score scale, default ``d ** -0.5``.
+        dropout_p: dropout on the attention probabilities (pass 0 in evaluation).
+        offsets: ``"paper"`` (default), ``"torchscale"``, ``"group"`` or explicit ``offsets[i][j]``.
+        head_groups: pattern ``i`` serves only head group ``i`` instead of all heads.
+        key_padding_mask: ``(b, n)`` bool, ``True`` marks padding keys that are never attended.
+        return_lse: also return the log-sum-exp ``(b, h, n)`` (float32; float64 for float64 inputs).
+        backend: ``"auto"`` or ``"portable"`` (strided views + fused aten kernels, O(n·w) memory), or
+            ``"reference"`` (dense float64, small inputs only).
+
+    Rows that see no key get zeros, LSE ``-inf`` and no gradient.
+    """
+    V.check_qkv(query, key, value)
+    segment_lengths, dilation_rates = V.check_patterns(segment_lengths, dilation_rates)
+    is_causal = V.check_bool("is_causal", is_causal)
+    head_groups = V.check_bool("head_groups", head_groups)
+    return_lse = V.check_bool("return_lse", return_lse)
+    scale = V.check_scale("scale", scale)
+    dropout_p = V.check_dropout("dropout_p", dropout_p)
+    offsets = V.check_offsets(offsets, dilation_rates, query.shape[2], head_groups)
+    key_padding_mask = V.check_key_padding_mask(key_padding_mask, query)
+    backend = V.check_backend(backend)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+
+    if backend == "reference":
+        b, n, h, _ = query.shape
+        if dropout_p > 0:
+            raise ValueError(f"backend='reference' computes no dropout, but got dropout_p={dropout_p}; pass 0.0")
+        if b * h * n * n > REFERENCE_MAX_SCORES:
+            raise ValueError(
+                f"backend='reference' builds the dense (b, h, n, n) scores, at most {REFERENCE_MAX_SCORES} "
+                f"entries, but got b*h*n*n = {b * h * n * n}; use backend='portable'"
+            )
+        out, lse = reference_dilated_attention(
+            query, key, value, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
+            offsets=offsets, head_groups=head_groups, key_padding_mask=key_padding_mask,
+        )
+        out = out.to(query.dtype)
+        lse = lse if query.dtype == torch.float64 else lse.float()
+    else:
+        out, lse_bnh = portable_dilated_attention(
+            query, key, value, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
+            dropout_p=dropout_p, offsets=offsets, head_groups=head_groups,
+            key_padding_mask=key_padding_mask, lse_needs_grad=return_lse,
+        )
+        lse = lse_bnh.transpose(1, 2)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,82 @@
+"""PyTorch's own fused attention kernels that return the log-sum-exp (aten ops)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import BlockInputs
+
+__all__ = ["CpuFlashKernel", "CudaFlashKernel"]
+
+
+def _additive_mask(key_valid, dtype) -> Any:
+    """(B, L) bool -> (B, 1, 1, L) additive mask (0 or -inf) in the query dtype, or None."""
+    if key_valid is None:
+        return None
+    mask = torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device)
+    return mask.masked_fill_(~key_valid, float("-inf"))[:, None, None, :]
+
+
+class CpuFlashKernel:
+    """``aten::_scaled_dot_product_flash_attention_for_cpu``: any float dtype, key masks; no dropout."""
+
+    name = "cpu_flash"
+
+    def not_supported_reasons(self, inputs: BlockInputs) -> list[str]:
+        reasons = []
+        if inputs.device_type != "cpu":
+            reasons.append(f"runs on cpu only, inputs are on {inputs.device_type}")
+        if inputs.dropout:
+            reasons.append("does not support dropout")
+        if inputs.needs_delta:
+            reasons.append("backward cannot take a gradient of the LSE")
+        return reasons
+
+    def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=_additive_mask(key_valid, q.dtype), scale=scale
+        )
+        return out, lse, None
+
+    def backward(self, dout, q, k, v, out, lse, rng_state, *, key_valid, is_causal, scale, dropout_p, delta):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
+            0.0, is_causal, attn_mask=_additive_mask(key_valid, q.dtype), scale=scale,
+        )
+
+
+class CudaFlashKernel:
+    """``aten::_scaled_dot_product_flash_attention`` (FlashAttention-2): fp16/bf16, dropout; no masks."""
+
+    name = "cuda_flash"
+
+    def not_supported_reasons(self, inputs: BlockInputs) -> list[str]:
+        reasons = []
+        if inputs.device_type != "cuda":
+            reasons.append(f"runs on cuda only, inputs are on {inputs.device_type}")
+        if inputs.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"needs float16 or bfloat16, inputs are {inputs.dtype}")
+        if inputs.head_dim > 256 or inputs.head_dim % 8 != 0:
+            reasons.append(f"needs head_dim a multiple of 8 and <= 256, got {inputs.head_dim}")
+        if inputs.has_key_mask:
+            reasons.append("does not support a key padding mask")
+        if inputs.needs_delta:
+            reasons.append("backward cannot take a gradient of the LSE")
+        return reasons
+
+    def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p):
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, dropout_p, is_causal, False, scale=scale
+        )
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
+        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+    def backward(self, dout, q, k, v, out, lse, rng_state, *, key_valid, is_causal, scale, dropout_p, delta):
+        cum_q, cum_k, max_q, max_k, seed, offset = rng_state
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse.float(), cum_q, cum_k, max_q, max_k, dropout_p, is_causal,
+            seed, offset, scale=scale,
+        )
+        return dq, dk, dv

@@ -1,0 +1,152 @@
+"""``BaseMultiheadDilatedAttention`` and ``MultiheadDilatedAttention`` (MAGNETO layout)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import _validation as V
+from .attention import BaseDilatedAttention, DilatedAttention
+
+__all__ = ["BaseMultiheadDilatedAttention", "MultiheadDilatedAttention", "causal_mask_or_raise"]
+
+
+def causal_mask_or_raise(attn_mask: Optional[torch.Tensor], n: int) -> bool:
+    """An ``attn_mask`` is honoured only when it is exactly the causal mask; returns whether it was.
+
+    Accepted: a bool ``(n, n)`` mask with ``True`` above the diagonal (``nn.MultiheadAttention``'s
+    convention: ``True`` = not allowed), or a float mask with ``-inf`` above the diagonal and 0 elsewhere.
+    """
+    if attn_mask is None:
+        return False
+    if not isinstance(attn_mask, torch.Tensor) or attn_mask.shape != (n, n):
+        shape = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
+        raise ValueError(
+            f"attn_mask must be None or the causal ({n}, {n}) mask, but got {shape}; dilated attention "
+            "cannot honour an arbitrary mask: use is_causal=True and key_padding_mask"
+        )
+    future = torch.ones(n, n, dtype=torch.bool, device=attn_mask.device).triu(1)
+    if attn_mask.dtype == torch.bool:
+        ok = torch.equal(attn_mask, future)
+    else:
+        ok = bool(torch.all(attn_mask[future] == float("-inf"))) and bool(torch.all(attn_mask[~future] == 0))
+    if not ok:
+        raise ValueError(
+            "attn_mask is not the causal mask; dilated attention cannot honour an arbitrary mask: "
+            "use is_causal=True and key_padding_mask"
+        )
+    return True
+
+
+class BaseMultiheadDilatedAttention(nn.Module):
+    """Projections around a dilated-attention core, MAGNETO style (sub-LayerNorm before ``out_proj``).
+
+    Input ``(b, n, embed_dim)``; ``forward`` returns ``(out, None)`` (weights are never materialised).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        dropout: float = 0.0,
+        bias: bool = True,
+        layer_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        gamma_init: float = 1.0,
+        num_kv_heads: Optional[int] = None,
+        softmax_scale: Optional[float] = None,
+        offsets: Union[str, Sequence[Sequence[int]]] = "paper",
+        head_groups: bool = False,
+        backend: str = "auto",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        embed_dim = V.check_int("embed_dim", embed_dim)
+        num_heads = V.check_int("num_heads", num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else V.check_int("num_kv_heads", num_kv_heads)
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.gamma_init = float(gamma_init)
+        self.attention = self._make_attention(
+            segment_lengths, dilation_rates, softmax_scale, dropout, offsets=offsets, head_groups=head_groups,
+            backend=backend,
+        )
+        V.check_offsets(self.attention.config.offsets, self.attention.config.dilation_rates, num_heads, head_groups)
+        V.check_bool("bias", bias)
+        V.check_bool("layer_norm", layer_norm)
+        factory = {"device": device, "dtype": dtype}
+        self._make_projections(bias, factory)
+        self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.reset_parameters()
+
+    # -- what subclasses choose ------------------------------------------------------------------
+    def _make_attention(self, *args, **kwargs) -> BaseDilatedAttention:
+        return DilatedAttention(*args, **kwargs)
+
+    def _make_projections(self, bias: bool, factory: dict) -> None:
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.embed_dim, kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.embed_dim, kv_dim, bias=bias, **factory)
+
+    def _project(self, query, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+
+    def reset_parameters(self) -> None:
+        """MAGNETO: xavier-normal, gain 1 for q/k and ``gamma_init`` for v/out; zero biases."""
+        for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init)):
+            nn.init.xavier_normal_(proj.weight, gain=gain)
+        nn.init.xavier_normal_(self.out_proj.weight, gain=self.gamma_init)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, None]:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), but got {shape}")
+        if need_weights:
+            warnings.warn(
+                "need_weights=True: dilated attention never materialises attention weights; returning None",
+                stacklevel=2,
+            )
+        is_causal = V.check_bool("is_causal", is_causal) or causal_mask_or_raise(attn_mask, query.shape[1])
+        b, n, _ = query.shape
+        q, k, v = self._project(query, key, value)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (b, n, h, d)
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # (b, n, h_kv, d)
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)  # (b, n, h, d)
+        x = x.flatten(2)  # (b, n, embed_dim)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.out_proj(x), None
+
+
+class MultiheadDilatedAttention(BaseMultiheadDilatedAttention):
+    """Multi-head dilated attention with separate q/k/v projections (SPEC §2)."""
