@@ -84,7 +84,8 @@ def _add_heads(target: torch.Tensor, index: HeadIndex, src: torch.Tensor) -> Non
 def _to_kernel(x5: torch.Tensor) -> torch.Tensor:
     """(b, count, rows, H, D) -> (b*count, H, rows, D)."""
     b, s, c, h, d = x5.shape
-    return x5.reshape(b * s, c, h, d).transpose(1, 2)
+    x = x5.reshape(b * s, c, h, d).transpose(1, 2)
+    return x if x.stride(-1) == 1 else x.contiguous()  # fused kernels need unit stride in head_dim
 
 
 def _from_kernel(x: torch.Tensor, b: int) -> torch.Tensor:
