@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from .attention import BaseDilatedAttention, DilatedAttention
+from .backends import BackendChoice, explain_backend
 from .config import DilatedAttentionConfig
 from .functional import dilated_attention
+from .improved import ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention
 from .multihead import BaseMultiheadDilatedAttention, MultiheadDilatedAttention
 
 __all__ = [
+    "BackendChoice",
     "BaseDilatedAttention",
     "BaseMultiheadDilatedAttention",
     "DilatedAttention",
     "DilatedAttentionConfig",
+    "ImprovedDilatedAttention",
+    "ImprovedMultiheadDilatedAttention",
     "MultiheadDilatedAttention",
     "dilated_attention",
+    "explain_backend",
 ]
 
 __version__ = "0.1.0"

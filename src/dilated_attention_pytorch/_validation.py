@@ -10,7 +10,7 @@ import torch
 
 from .patterns import OFFSET_RULES, head_groups_of
 
-BACKENDS = ("auto", "portable", "reference")
+BACKENDS = ("auto", "fused", "portable", "reference")
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:

@@ -21,6 +21,7 @@ class BaseDilatedAttention(nn.Module):
     """
 
     config: DilatedAttentionConfig
+    default_backend = "auto"
 
     def __init__(
         self,
@@ -31,9 +32,10 @@ class BaseDilatedAttention(nn.Module):
         *,
         offsets: Union[str, Sequence[Sequence[int]]] = "paper",
         head_groups: bool = False,
-        backend: str = "auto",
+        backend: Optional[str] = None,
     ) -> None:
         super().__init__()
+        backend = self.default_backend if backend is None else backend
         self.config = DilatedAttentionConfig(
             segment_lengths, dilation_rates, softmax_scale, attention_dropout, offsets, head_groups, backend
         )
@@ -81,4 +83,6 @@ class BaseDilatedAttention(nn.Module):
 
 
 class DilatedAttention(BaseDilatedAttention):
-    """LongNet dilated attention (SPEC §1) over the best available single-device backend."""
+    """LongNet dilated attention (SPEC §1) on the portable path (PyTorch's fused kernels per block)."""
+
+    default_backend = "portable"

@@ -8,7 +8,7 @@ import time
 import torch
 
 from .functional import dilated_attention
-from .portable import describe_kernel
+from .backends import explain_backend
 
 __all__ = ["main"]
 
@@ -51,6 +51,6 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"dilated attention  b=1 n={args.seq} h={args.heads} d={args.head_dim} {args.dtype} on {device}")
     print(f"patterns           w={args.segments} r={args.dilations} causal={args.causal}")
-    print(f"backend            portable (block kernel: {describe_kernel(q, None, 0.0)})")
+    print(f"backend            {explain_backend(q)}")
     print(f"forward time       {ms:.2f} ms")
     print(f"rel. error vs float64 reference (first {n_check} tokens): {err:.2e}")

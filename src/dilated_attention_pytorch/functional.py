@@ -8,7 +8,8 @@ import torch
 
 from . import _validation as V
 from .patterns import OffsetRule
-from .portable import portable_dilated_attention
+from .backends import CHUNK_TOKENS, choose_backend
+from .engine import EngineOptions, run_engine
 from .reference import REFERENCE_MAX_SCORES, reference_dilated_attention
 
 __all__ = ["dilated_attention"]
@@ -43,8 +44,10 @@ def dilated_attention(
         head_groups: pattern ``i`` serves only head group ``i`` instead of all heads.
         key_padding_mask: ``(b, n)`` bool, ``True`` marks padding keys that are never attended.
         return_lse: also return the log-sum-exp ``(b, h, n)`` (float32; float64 for float64 inputs).
-        backend: ``"auto"`` or ``"portable"`` (strided views + fused aten kernels, O(n·w) memory), or
-            ``"reference"`` (dense float64, small inputs only).
+        backend: ``"fused"`` (CUDA fp16/bf16: cuDNN attention per block), ``"portable"`` (PyTorch's
+            fused attention kernels per block on any device), ``"auto"`` (fused where it supports the
+            inputs, else portable; :func:`explain_backend` says which and why), or ``"reference"``
+            (dense float64, small inputs only). Fused and portable use O(n·w) memory.
 
     Rows that see no key get zeros, LSE ``-inf`` and no gradient.
     """
@@ -61,7 +64,8 @@ def dilated_attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5
 
-    if backend == "reference":
+    choice = choose_backend(backend, query, key_padding_mask, dropout_p, return_lse and torch.is_grad_enabled())
+    if choice.backend == "reference":
         b, n, h, _ = query.shape
         if dropout_p > 0:
             raise ValueError(f"backend='reference' computes no dropout, but got dropout_p={dropout_p}; pass 0.0")
@@ -77,10 +81,13 @@ def dilated_attention(
         out = out.to(query.dtype)
         lse = lse if query.dtype == torch.float64 else lse.float()
     else:
-        out, lse_bnh = portable_dilated_attention(
-            query, key, value, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
-            dropout_p=dropout_p, offsets=offsets, head_groups=head_groups,
-            key_padding_mask=key_padding_mask, lse_needs_grad=return_lse,
+        n = query.shape[1]
+        opts = EngineOptions(
+            segment_lengths=tuple(min(w, n) for w in segment_lengths), dilation_rates=dilation_rates,
+            offsets=offsets, head_groups=head_groups, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+            kernel=choice.kernel, chunk_tokens=CHUNK_TOKENS,
         )
+        key_valid = None if key_padding_mask is None else ~key_padding_mask
+        out, lse_bnh = run_engine(query, key, value, key_valid, opts)
         lse = lse_bnh.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -63,7 +63,7 @@ class BaseMultiheadDilatedAttention(nn.Module):
         softmax_scale: Optional[float] = None,
         offsets: Union[str, Sequence[Sequence[int]]] = "paper",
         head_groups: bool = False,
-        backend: str = "auto",
+        backend: Optional[str] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-from .aten import CpuFlashKernel, CudaFlashKernel
+from .aten import CpuFlashKernel, CudaFlashKernel, CudnnKernel
 from .base import BlockInputs, BlockKernel, NoKernelError, acc_dtype
 from .math import MathKernel
 
-__all__ = ["BlockInputs", "BlockKernel", "NoKernelError", "KERNELS", "acc_dtype", "choose_kernel", "kernel_reasons"]
+__all__ = [
+    "BlockInputs", "BlockKernel", "FUSED_KERNELS", "KERNELS", "NoKernelError", "acc_dtype", "choose_kernel",
+    "kernel_reasons",
+]
 
-# In order of preference: the first kernel with no reasons against it runs.
+# The portable path's kernels, in order of preference: the first with no reasons against it runs.
 KERNELS: tuple[BlockKernel, ...] = (CudaFlashKernel(), CpuFlashKernel(), MathKernel())
+# The fused GPU path's kernels.
+FUSED_KERNELS: tuple[BlockKernel, ...] = (CudnnKernel(),)
 
 
-def kernel_reasons(inputs: BlockInputs) -> dict[str, list[str]]:
+def kernel_reasons(inputs: BlockInputs, kernels: tuple[BlockKernel, ...] = KERNELS) -> dict[str, list[str]]:
     """Every kernel's reasons for not running ``inputs`` (empty list: it can)."""
-    return {kernel.name: kernel.not_supported_reasons(inputs) for kernel in KERNELS}
+    return {kernel.name: kernel.not_supported_reasons(inputs) for kernel in kernels}
 
 
-def choose_kernel(inputs: BlockInputs) -> BlockKernel:
-    for kernel in KERNELS:
+def choose_kernel(inputs: BlockInputs, kernels: tuple[BlockKernel, ...] = KERNELS) -> BlockKernel:
+    """The first of ``kernels`` that supports ``inputs``; NoKernelError lists every kernel's reasons."""
+    for kernel in kernels:
         if not kernel.not_supported_reasons(inputs):
             return kernel
-    raise NoKernelError(f"no block kernel supports {inputs}: {kernel_reasons(inputs)}")
+    raise NoKernelError(f"no block kernel supports {inputs}: {kernel_reasons(inputs, kernels)}")

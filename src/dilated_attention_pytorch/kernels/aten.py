@@ -8,7 +8,7 @@ import torch
 
 from .base import BlockInputs
 
-__all__ = ["CpuFlashKernel", "CudaFlashKernel"]
+__all__ = ["CpuFlashKernel", "CudaFlashKernel", "CudnnKernel"]
 
 
 def _additive_mask(key_valid, dtype) -> Any:
@@ -78,5 +78,49 @@ class CudaFlashKernel:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse.float(), cum_q, cum_k, max_q, max_k, dropout_p, is_causal,
             seed, offset, scale=scale,
+        )
+        return dq, dk, dv
+
+
+def _cudnn_lse(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """cuDNN's softmax statistics as (B, H, L) float32, whatever trailing unit dims it adds."""
+    b, h, length, _ = q.shape
+    return lse.reshape(b, h, length) if lse.dim() != 3 else lse
+
+
+class CudnnKernel:
+    """``aten::_scaled_dot_product_cudnn_attention`` (cuDNN flash attention, FA3 class on Hopper).
+
+    fp16/bf16, head_dim a multiple of 8 up to 128; no masks, no dropout.
+    """
+
+    name = "cudnn"
+
+    def not_supported_reasons(self, inputs: BlockInputs) -> list[str]:
+        reasons = []
+        if inputs.device_type != "cuda":
+            reasons.append(f"runs on cuda only, inputs are on {inputs.device_type}")
+        if inputs.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"needs float16 or bfloat16, inputs are {inputs.dtype}")
+        if inputs.head_dim > 128 or inputs.head_dim % 8 != 0:
+            reasons.append(f"needs head_dim a multiple of 8 and <= 128, got {inputs.head_dim}")
+        if inputs.has_key_mask:
+            reasons.append("does not support a key padding mask")
+        if inputs.dropout:
+            reasons.append("does not support dropout")
+        if inputs.needs_delta:
+            reasons.append("backward cannot take a gradient of the LSE")
+        return reasons
+
+    def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p):
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
+        return out, _cudnn_lse(lse, q), (lse.shape, cum_q, cum_k, max_q, max_k, seed, offset)
+
+    def backward(self, dout, q, k, v, out, lse, rng_state, *, key_valid, is_causal, scale, dropout_p, delta):
+        lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = rng_state
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.float().reshape(lse_shape).contiguous(), seed, offset, None, cum_q, cum_k,
+            max_q, max_k, 0.0, is_causal, scale=scale,
         )
         return dq, dk, dv

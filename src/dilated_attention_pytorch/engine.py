@@ -1,0 +1,283 @@
+"""The block engine behind every single-device backend.
+
+Per pattern and offset, the rows a head covers are a strided view of the input (no gather copy); a
+block kernel runs dense attention on each block and returns its log-sum-exp; blocks are merged by
+log-sum-exp in fp32 (LongNet Eq. 10). Backward is exact through the mixing: each block's attention
+backward runs with the *merged* output and LSE, the way ring attention does, so its share of the
+gradient is that of ``softmax(scale·QKᵀ + log C)·V``.
+
+The sequence is processed in chunks whose boundaries are boundaries of every pattern's segments, so
+fp32 temporaries are bounded by the chunk, not by ``n``; memory is O(n·w) with no n×n matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from .kernels import BlockInputs, BlockKernel, acc_dtype
+from .patterns import OffsetRule, RowSpan, pattern_groups, row_spans
+
+__all__ = ["Block", "EngineOptions", "chunk_bounds", "plan_blocks", "run_engine"]
+
+HeadIndex = Union[slice, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kernel call: the rows of one offset of one pattern, for a set of query heads."""
+
+    span: RowSpan
+    offset: int
+    dilation: int
+    heads: HeadIndex  # query heads
+    kv_heads: HeadIndex  # the key/value head of each query head (may repeat under GQA)
+
+
+def _as_index(heads: Sequence[int]) -> HeadIndex:
+    """A slice when ``heads`` is an arithmetic progression without repeats (a view, no copy)."""
+    if len(heads) == 1:
+        return slice(heads[0], heads[0] + 1)
+    step = heads[1] - heads[0]
+    if step > 0 and all(b - a == step for a, b in zip(heads, heads[1:])):
+        return slice(heads[0], heads[-1] + 1, step)
+    return tuple(heads)
+
+
+def plan_blocks(
+    n: int,
+    num_heads: int,
+    num_kv_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    offsets: OffsetRule,
+    head_groups: bool,
+) -> list[Block]:
+    """The kernel calls for ``n`` tokens. ``segment_lengths`` must already be the effective ``W_i``."""
+    group = num_heads // num_kv_heads
+    blocks = []
+    for pg in pattern_groups(n, num_heads, segment_lengths, dilation_rates, offsets, head_groups):
+        heads, kv = _as_index(pg.heads), _as_index([j // group for j in pg.heads])
+        for span in row_spans(n, pg.segment, pg.dilation, pg.offset):
+            blocks.append(Block(span, pg.offset, pg.dilation, heads, kv))
+    return blocks
+
+
+def chunk_bounds(n: int, segments: Sequence[int], target_tokens: int) -> list[tuple[int, int]]:
+    """Chunks ``[c0, c1)`` whose boundaries are segment boundaries of every pattern.
+
+    A chunk holds a multiple of ``lcm(W_i)`` tokens, about ``target_tokens`` (one chunk when the lcm
+    is not much smaller than ``n``).
+    """
+    period = 1
+    for w in segments:
+        period = period * w // math.gcd(period, w)
+        if period >= n:
+            return [(0, n)]
+    size = period * max(1, target_tokens // period)
+    return [(c0, min(n, c0 + size)) for c0 in range(0, n, size)]
+
+
+def _rows(x: torch.Tensor, block: Block) -> torch.Tensor:
+    """View (b, count, rows, ...) of the block's rows of ``x (b, n, ...)``; no copy."""
+    span = block.span
+    seg = x.narrow(1, span.start, span.count * span.segment).unflatten(1, (span.count, span.segment))
+    return seg[:, :, block.offset :: block.dilation]
+
+
+def _heads(x: torch.Tensor, index: HeadIndex) -> torch.Tensor:
+    """Select heads (dim 3) of a (b, count, rows, H, ...) tensor: a view for a slice, else a copy."""
+    if isinstance(index, slice):
+        return x[:, :, :, index]
+    return x.index_select(3, torch.tensor(index, device=x.device))
+
+
+def _add_heads(target: torch.Tensor, index: HeadIndex, src: torch.Tensor) -> None:
+    """target[:, :, :, index] += src, summing repeated indices."""
+    if isinstance(index, slice):
+        target[:, :, :, index] += src
+    else:
+        target.index_add_(3, torch.tensor(index, device=target.device), src.to(target.dtype))
+
+
+def _to_kernel(x5: torch.Tensor) -> torch.Tensor:
+    """(b, count, rows, H, D) -> (b*count, H, rows, D), a view where the strides allow."""
+    b, s, c, h, d = x5.shape
+    x = x5.reshape(b * s, c, h, d).transpose(1, 2)
+    return x if x.stride(-1) == 1 else x.contiguous()  # fused kernels need unit stride in head_dim
+
+
+def _from_kernel(x: torch.Tensor, b: int) -> torch.Tensor:
+    """(b*count, H, rows, ...) -> (b, count, rows, H, ...)."""
+    x = x.transpose(1, 2)
+    return x.reshape(b, x.shape[0] // b, *x.shape[1:])
+
+
+def _block_tensor(x: torch.Tensor, block: Block, heads: HeadIndex) -> torch.Tensor:
+    return _to_kernel(_heads(_rows(x, block), heads))
+
+
+def _block_rowwise(x: torch.Tensor, block: Block) -> torch.Tensor:
+    """(b, n, h) per-row values -> (B, H, rows) for the block."""
+    return _block_tensor(x.unsqueeze(-1), block, block.heads).squeeze(-1)
+
+
+def _has_key(key_valid: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    """(B, L) valid keys -> (B, L): whether each query row of the block sees at least one key."""
+    if is_causal:
+        return key_valid.cumsum(-1) > 0
+    return key_valid.any(-1, keepdim=True).expand_as(key_valid)
+
+
+@dataclass
+class EngineOptions:
+    segment_lengths: tuple[int, ...]  # effective W_i = min(w_i, n)
+    dilation_rates: tuple[int, ...]
+    offsets: OffsetRule
+    head_groups: bool
+    is_causal: bool
+    scale: float
+    dropout_p: float
+    kernel: BlockKernel
+    chunk_tokens: int
+    rng_states: dict = field(default_factory=dict)  # (chunk, block) -> the kernel's random state
+
+
+def _chunks(n: int, opts: EngineOptions):
+    for c0, c1 in chunk_bounds(n, opts.segment_lengths, opts.chunk_tokens):
+        segments = tuple(min(w, c1 - c0) for w in opts.segment_lengths)
+        yield c0, c1, segments
+
+
+def _forward_chunk(q, k, v, key_valid, opts: EngineOptions, segments, chunk: int):
+    """-> (out (b, m, h, d) in acc dtype, lse (b, m, h) in acc dtype) for one chunk."""
+    b, m, h, d = q.shape
+    acc = acc_dtype(q.dtype)
+    blocks = plan_blocks(m, h, k.shape[2], segments, opts.dilation_rates, opts.offsets, opts.head_groups)
+    lse_total = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device)
+    results = []
+    for bi, block in enumerate(blocks):  # phase 1: every block's attention, and the merged LSE
+        kv_rows = None if key_valid is None else _rows(key_valid, block).reshape(-1, block.span.rows)
+        out_b, lse_b, rng = opts.kernel.forward(
+            _block_tensor(q, block, block.heads), _block_tensor(k, block, block.kv_heads),
+            _block_tensor(v, block, block.kv_heads),
+            key_valid=kv_rows, is_causal=opts.is_causal, scale=opts.scale, dropout_p=opts.dropout_p,
+        )
+        opts.rng_states[chunk, bi] = rng
+        lse_b = lse_b.to(acc)
+        if kv_rows is not None:  # rows whose keys are all padded: no keys, whatever the kernel said
+            lse_b = lse_b.masked_fill(~_has_key(kv_rows, opts.is_causal)[:, None, :], float("-inf"))
+        lse_view = _heads(_rows(lse_total.unsqueeze(-1), block), block.heads).squeeze(-1)
+        _write_heads(_rows(lse_total.unsqueeze(-1), block), block.heads,
+                     torch.logaddexp(lse_view, _from_kernel(lse_b, b)).unsqueeze(-1))
+        results.append((block, out_b, lse_b))
+    finite = torch.isfinite(lse_total)
+    lse_safe = torch.where(finite, lse_total, torch.zeros_like(lse_total))
+    out = torch.zeros(b, m, h, d, dtype=acc, device=q.device)
+    for block, out_b, lse_b in results:  # phase 2: out = sum_i exp(lse_i - lse) * out_i
+        weight = torch.exp(lse_b - _block_rowwise(lse_safe, block))  # (B, H, rows)
+        _add_heads_weighted(_rows(out, block), block.heads, _from_kernel(out_b, b), _from_kernel(weight, b))
+    return out, lse_total
+
+
+def _write_heads(target5: torch.Tensor, index: HeadIndex, src: torch.Tensor) -> None:
+    if isinstance(index, slice):
+        target5[:, :, :, index] = src
+    else:
+        target5.index_copy_(3, torch.tensor(index, device=target5.device), src)
+
+
+def _add_heads_weighted(target5: torch.Tensor, index: HeadIndex, src: torch.Tensor, weight: torch.Tensor) -> None:
+    """target[:, :, :, index] += src * weight[..., None] (src in any float dtype, target fp32/fp64)."""
+    if isinstance(index, slice):
+        target5[:, :, :, index].addcmul_(src, weight.unsqueeze(-1))
+    else:
+        target5.index_add_(3, torch.tensor(index, device=target5.device), src.to(target5.dtype) * weight.unsqueeze(-1))
+
+
+def _backward_chunk(dout, q, k, v, out, lse, key_valid, dlse, opts: EngineOptions, segments, chunk: int, kernel):
+    """-> (dq, dk, dv) of one chunk in acc dtype."""
+    b, m, h, d = q.shape
+    acc = acc_dtype(q.dtype)
+    blocks = plan_blocks(m, h, k.shape[2], segments, opts.dilation_rates, opts.offsets, opts.head_groups)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    lse_bwd = torch.where(torch.isfinite(lse), lse, float("inf"))  # rows with no keys: P = 0
+    delta = None
+    if dlse is not None:  # d lse / d s = P: fold it into delta = rowsum(dO * O) - dlse
+        delta = (dout.to(acc) * out.to(acc)).sum(-1) - torch.where(torch.isfinite(lse), dlse, 0.0)
+    for bi, block in enumerate(blocks):
+        kv_rows = None if key_valid is None else _rows(key_valid, block).reshape(-1, block.span.rows)
+        dq_b, dk_b, dv_b = kernel.backward(
+            _block_tensor(dout, block, block.heads), _block_tensor(q, block, block.heads),
+            _block_tensor(k, block, block.kv_heads), _block_tensor(v, block, block.kv_heads),
+            _block_tensor(out, block, block.heads), _block_rowwise(lse_bwd, block), opts.rng_states[chunk, bi],
+            key_valid=kv_rows, is_causal=opts.is_causal, scale=opts.scale, dropout_p=opts.dropout_p,
+            delta=None if delta is None else _block_rowwise(delta, block),
+        )
+        _add_heads(_rows(dq, block), block.heads, _from_kernel(dq_b, b))
+        _add_heads(_rows(dk, block), block.kv_heads, _from_kernel(dk_b, b))
+        _add_heads(_rows(dv, block), block.kv_heads, _from_kernel(dv_b, b))
+    return dq, dk, dv
+
+
+class _EngineFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_valid, opts: EngineOptions):
+        b, n, h, d = q.shape
+        out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, n, h, dtype=acc_dtype(q.dtype), device=q.device)
+        for ci, (c0, c1, segments) in enumerate(_chunks(n, opts)):
+            kv_c = None if key_valid is None else key_valid[:, c0:c1]
+            out_c, lse_c = _forward_chunk(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], kv_c, opts, segments, ci)
+            out[:, c0:c1] = out_c
+            lse[:, c0:c1] = lse_c
+        ctx.save_for_backward(q, k, v, key_valid, out, lse)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, key_valid, out, lse = ctx.saved_tensors
+        opts: EngineOptions = ctx.opts
+        kernel = opts.kernel
+        if dlse is not None and kernel.not_supported_reasons(_inputs(q, key_valid, opts.dropout_p, True)):
+            from .kernels import choose_kernel  # a kernel whose backward takes delta
+
+            kernel = choose_kernel(_inputs(q, key_valid, opts.dropout_p, True))
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for ci, (c0, c1, segments) in enumerate(_chunks(q.shape[1], opts)):
+            sl = slice(c0, c1)
+            grads = _backward_chunk(
+                dout[:, sl], q[:, sl], k[:, sl], v[:, sl], out[:, sl], lse[:, sl],
+                None if key_valid is None else key_valid[:, sl], None if dlse is None else dlse[:, sl],
+                opts, segments, ci, kernel,
+            )
+            for target, g in zip((dq, dk, dv), grads):
+                target[:, sl] = g
+        return dq, dk, dv, None, None
+
+
+def _inputs(q: torch.Tensor, key_valid: Optional[torch.Tensor], dropout_p: float, needs_delta: bool) -> BlockInputs:
+    return BlockInputs(
+        device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], has_key_mask=key_valid is not None,
+        dropout=dropout_p > 0, needs_delta=needs_delta,
+    )
+
+
+def run_engine(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_valid: Optional[torch.Tensor],
+    opts: EngineOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out (b, n, h, d), lse (b, n, h) in float32/float64)."""
+    return _EngineFunction.apply(query, key, value, key_valid, opts)
