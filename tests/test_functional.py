@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import LOW_PRECISION, rand_qkv, rel_err
 from dilated_attention_pytorch import dilated_attention
-from dilated_attention_pytorch.reference import reference_dilated_attention
+from dilated_attention_pytorch.reference import count_matrix, reference_dilated_attention
 
 
 def run_both(q, k, v, ws, rs, **kw):
@@ -150,35 +150,56 @@ def test_dropout_mean_matches_no_dropout():
     assert rel_err(mean, plain) < 0.05
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_low_precision_error_within_twice_plain_pytorch(dtype, is_causal, device):
-    if device.type == "cpu" and dtype == torch.float16:
-        pytest.importorskip("torch", minversion="2.0")  # cpu fp16 runs, only slower
-    n, ws, rs = 300, [64, 128, 256], [1, 2, 4]
-    q, k, v = rand_qkv(2, n, 8, 4, 64, device=device, dtype=dtype)
-    out = dilated_attention(q, k, v, ws, rs, is_causal=is_causal)
-    ref, _ = reference_dilated_attention(q, k, v, ws, rs, is_causal=is_causal)
-    # a plain same-dtype PyTorch computation of the same formula, for the error budget
-    g = 2
+def plain_low_precision(q, k, v, ws, rs, is_causal):
+    """The same formula computed plainly in the inputs' dtype: the error budget for low precision."""
+    b, n, h, d = q.shape
+    g = h // k.shape[2]
     qd, kd, vd = q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2), v.repeat_interleave(g, 2).transpose(1, 2)
-    from dilated_attention_pytorch.reference import count_matrix
-
-    c = count_matrix(n, 8, ws, rs, device=device)
+    c = count_matrix(n, h, ws, rs, device=q.device)
     allowed = c > 0
     if is_causal:
-        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    s = (qd @ kd.transpose(-1, -2)) * 64**-0.5 + torch.where(c > 0, c, 1.0).log().to(dtype)
-    plain = (torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ vd).transpose(1, 2)
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    s = (qd @ kd.transpose(-1, -2)) * d**-0.5 + torch.where(c > 0, c, 1.0).log().to(q.dtype)
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    return (p @ vd).transpose(1, 2)
+
+
+def check_low_precision(q, k, v, ws, rs, is_causal, backend):
+    out = dilated_attention(q, k, v, ws, rs, is_causal=is_causal, backend=backend)
+    ref, _ = reference_dilated_attention(q, k, v, ws, rs, is_causal=is_causal)
+    plain = plain_low_precision(q, k, v, ws, rs, is_causal)
     err, budget = rel_err(out, ref), rel_err(plain, ref)
     assert err <= 2 * budget, (err, budget)
-    # gradients
     g_out = torch.randn_like(ref)
     grads = torch.autograd.grad((out.double() * g_out).sum(), (q, k, v))
     ref_grads = torch.autograd.grad((ref * g_out).sum(), (q, k, v))
     plain_grads = torch.autograd.grad((plain.double() * g_out).sum(), (q, k, v))
     for gr, rg, pg in zip(grads, ref_grads, plain_grads):
         assert rel_err(gr, rg) <= 2 * rel_err(pg, rg) + 1e-3, (rel_err(gr, rg), rel_err(pg, rg))
+
+
+LOW_PRECISION_BACKENDS = ["portable"] + (["fused"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("backend", LOW_PRECISION_BACKENDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_low_precision_error_within_twice_plain_pytorch(dtype, is_causal, backend, device):
+    if backend == "fused" and device.type != "cuda":
+        return  # the fused backend exists on CUDA only; nothing to compare on CPU
+    q, k, v = rand_qkv(2, 300, 8, 4, 64, device=device, dtype=dtype)
+    check_low_precision(q, k, v, [64, 128, 256], [1, 2, 4], is_causal, backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused backend runs on CUDA only")
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("case", AWKWARD[:-2] + AWKWARD[-1:])
+def test_fused_awkward_shapes_bf16(case, is_causal):
+    n, h, h_kv, ws, rs, offsets, hg = case
+    if offsets != "paper" or hg:
+        return
+    q, k, v = rand_qkv(2, n, h, h_kv, 64, device="cuda", dtype=torch.bfloat16)
+    check_low_precision(q, k, v, ws, rs, is_causal, "fused")
 
 
 def test_non_contiguous_inputs():

@@ -8,11 +8,17 @@ from typing import Optional
 import torch
 
 from .kernels import FUSED_KERNELS, KERNELS, BlockInputs, BlockKernel, choose_kernel, kernel_reasons
+from .kernels.triton_gather import triton_available
 
-__all__ = ["BACKENDS", "BackendChoice", "choose_backend", "explain_backend"]
+__all__ = ["BACKENDS", "BackendChoice", "choose_backend", "chunk_tokens", "explain_backend"]
+
+
+def chunk_tokens(n: int) -> int:
+    """Tokens per chunk of temporaries: about n / 2, at most CHUNK_TOKENS (rounded up to whole segments)."""
+    return max(1, min(CHUNK_TOKENS, n // 2))
 
 BACKENDS = ("auto", "fused", "portable", "reference")
-CHUNK_TOKENS = 1 << 18  # tokens per chunk of fp32 temporaries (rounded to whole segments)
+CHUNK_TOKENS = 1 << 17  # tokens per chunk of temporaries (rounded to whole segments; at most n / 2)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ def choose_backend(
         has_key_mask=key_padding_mask is not None, dropout=dropout_p > 0, needs_delta=lse_needs_grad and dropout_p > 0,
     )
     fused = kernel_reasons(inputs, FUSED_KERNELS)
+    if not triton_available():
+        fused = {name: reasons + ["the fused merge needs triton (pip install triton)"] for name, reasons in fused.items()}
     if lse_needs_grad:  # the fused kernels' backward cannot take an LSE gradient
         fused = {name: reasons + ["return_lse=True with gradients needs the portable backward"]
                  for name, reasons in fused.items()}

@@ -28,13 +28,30 @@ HeadIndex = Union[slice, tuple[int, ...]]
 
 @dataclass(frozen=True)
 class Block:
-    """One kernel call: the rows of one offset of one pattern, for a set of query heads."""
+    """One kernel call: the rows of one offset of one pattern, for a set of query heads.
+
+    A *diagonal* block (``diag_m`` set) instead covers every offset ``o`` of a pattern at once, for the
+    heads ``j = o + r·diag_m`` (the ``"paper"`` rule gives head ``j`` the offset ``j mod r``): row
+    offset and head advance together, which is again a strided view. It replaces ``r`` small calls by
+    one call of ``r`` heads when ``h / r < r``.
+    """
 
     span: RowSpan
-    offset: int
+    offset: int  # -1 for a diagonal block
     dilation: int
-    heads: HeadIndex  # query heads
+    heads: HeadIndex  # query heads, in the kernel's head order
     kv_heads: HeadIndex  # the key/value head of each query head (may repeat under GQA)
+    pattern: int = -1
+    diag_m: Optional[int] = None
+
+    def head_list(self, num_heads: int) -> list[int]:
+        if isinstance(self.heads, slice):
+            return list(range(num_heads))[self.heads]
+        return list(self.heads)
+
+    def head_offset(self, position: int) -> int:
+        """Offset of the block's ``position``-th head."""
+        return position if self.diag_m is not None else self.offset
 
 
 def _as_index(heads: Sequence[int]) -> HeadIndex:
@@ -55,15 +72,46 @@ def plan_blocks(
     dilation_rates: Sequence[int],
     offsets: OffsetRule,
     head_groups: bool,
+    diagonal_blocks: bool = False,
 ) -> list[Block]:
-    """The kernel calls for ``n`` tokens. ``segment_lengths`` must already be the effective ``W_i``."""
+    """The kernel calls for ``n`` tokens. ``segment_lengths`` must already be the effective ``W_i``.
+    ``diagonal_blocks`` allows diagonal blocks (not with key masks, whose rows would differ by head)."""
     group = num_heads // num_kv_heads
+    groups = pattern_groups(n, num_heads, segment_lengths, dilation_rates, offsets, head_groups)
     blocks = []
-    for pg in pattern_groups(n, num_heads, segment_lengths, dilation_rates, offsets, head_groups):
-        heads, kv = _as_index(pg.heads), _as_index([j // group for j in pg.heads])
-        for span in row_spans(n, pg.segment, pg.dilation, pg.offset):
-            blocks.append(Block(span, pg.offset, pg.dilation, heads, kv))
+    for i, (seg, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        mine = [pg for pg in groups if pg.pattern == i]
+        diagonal = _diagonal_spans(n, num_heads, group, seg, r, mine) if diagonal_blocks else []
+        for span in diagonal:
+            for m in range(num_heads // r):
+                heads = slice(r * m, r * m + r)  # heads o + r*m, in the order of their offsets o
+                blocks.append(Block(span, -1, r, heads, heads, i, m))
+        done = {span.start for span in diagonal}
+        for pg in mine:
+            heads, kv = _as_index(pg.heads), _as_index([j // group for j in pg.heads])
+            for span in row_spans(n, pg.segment, pg.dilation, pg.offset):
+                if span.start not in done:
+                    blocks.append(Block(span, pg.offset, pg.dilation, heads, kv, i))
     return blocks
+
+
+def _diagonal_spans(n: int, num_heads: int, group: int, seg: int, r: int, mine) -> list[RowSpan]:
+    """Spans of pattern ``(seg, r)`` that run as diagonal blocks: the heads' offsets are ``j mod r``
+    for all heads, ``r`` divides ``h`` and the span's segment, keys are not shared (no GQA), and
+    diagonal blocks are fewer than per-offset blocks (``h / r < r``)."""
+    if r == 1 or group != 1 or num_heads % r or num_heads // r >= r:
+        return []
+    if sorted(j for pg in mine for j in pg.heads) != list(range(num_heads)):
+        return []
+    if any(j % r != pg.offset for pg in mine for j in pg.heads):
+        return []
+    spans, full = [], n // seg
+    if full and seg % r == 0:
+        spans.append(RowSpan(0, full, seg, seg // r))
+    tail = n - full * seg
+    if tail and tail % r == 0:
+        spans.append(RowSpan(full * seg, 1, tail, tail // r))
+    return spans
 
 
 def chunk_bounds(n: int, segments: Sequence[int], target_tokens: int) -> list[tuple[int, int]]:
@@ -103,6 +151,41 @@ def _add_heads(target: torch.Tensor, index: HeadIndex, src: torch.Tensor) -> Non
         target.index_add_(3, torch.tensor(index, device=target.device), src.to(target.dtype))
 
 
+def _view(x: torch.Tensor, block: Block, heads: HeadIndex) -> torch.Tensor:
+    """(b, count, rows, H', ...) view or copy of the block's rows and heads of ``x (b, n, h, ...)``."""
+    if block.diag_m is None:
+        return _heads(_rows(x, block), heads)
+    span, r = block.span, block.dilation
+    seg = x.narrow(1, span.start, span.count * span.segment).unflatten(1, (span.count, span.rows, r))
+    seg = seg.unflatten(4, (x.shape[2] // r, r)).select(4, block.diag_m)  # (b, count, rows, r_o, r_h, ...)
+    return seg.diagonal(dim1=3, dim2=4).movedim(-1, 3)  # (b, count, rows, r, ...): head o has offset o
+
+
+def _add_view(target: torch.Tensor, block: Block, heads: HeadIndex, src: torch.Tensor) -> None:
+    """The block's rows and heads of ``target`` += ``src (b, count, rows, H', ...)``."""
+    if block.diag_m is None:
+        _add_heads(_rows(target, block), heads, src)
+    else:
+        _view(target, block, heads).add_(src)
+
+
+def _write_view(target: torch.Tensor, block: Block, heads: HeadIndex, src: torch.Tensor) -> None:
+    """The block's rows and heads of ``target`` = ``src``."""
+    if block.diag_m is None and not isinstance(heads, slice):
+        _rows(target, block).index_copy_(3, torch.tensor(heads, device=target.device), src)
+    else:
+        _view(target, block, heads).copy_(src)
+
+
+def _add_view_weighted(target: torch.Tensor, block: Block, src: torch.Tensor, weight: torch.Tensor) -> None:
+    """The block's rows and heads of ``target (fp32/fp64)`` += ``src * weight[..., None]``."""
+    if block.diag_m is None and not isinstance(block.heads, slice):
+        index = torch.tensor(block.heads, device=target.device)
+        _rows(target, block).index_add_(3, index, src.to(target.dtype) * weight.unsqueeze(-1))
+    else:
+        _view(target, block, block.heads).addcmul_(src, weight.unsqueeze(-1))
+
+
 def _to_kernel(x5: torch.Tensor) -> torch.Tensor:
     """(b, count, rows, H, D) -> (b*count, H, rows, D), a view where the strides allow."""
     b, s, c, h, d = x5.shape
@@ -117,7 +200,7 @@ def _from_kernel(x: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _block_tensor(x: torch.Tensor, block: Block, heads: HeadIndex) -> torch.Tensor:
-    return _to_kernel(_heads(_rows(x, block), heads))
+    return _to_kernel(_view(x, block, heads))
 
 
 def _block_rowwise(x: torch.Tensor, block: Block) -> torch.Tensor:
@@ -143,6 +226,8 @@ class EngineOptions:
     dropout_p: float
     kernel: BlockKernel
     chunk_tokens: int
+    merge: str = "torch"  # "torch": two-phase merge in PyTorch ops; "triton": one gather kernel per chunk
+    grads_in_input_dtype: bool = False  # accumulate dq/dk/dv over patterns in the input dtype (no fp32 copy)
     rng_states: dict = field(default_factory=dict)  # (chunk, block) -> the kernel's random state
 
 
@@ -152,11 +237,12 @@ def _chunks(n: int, opts: EngineOptions):
         yield c0, c1, segments
 
 
-def _forward_chunk(q, k, v, key_valid, opts: EngineOptions, segments, chunk: int):
-    """-> (out (b, m, h, d) in acc dtype, lse (b, m, h) in acc dtype) for one chunk."""
+def _forward_chunk(q, k, v, key_valid, opts: EngineOptions, segments, chunk: int, out_target, lse_target) -> None:
+    """Attention of one chunk, written into ``out_target (b, m, h, d)`` and ``lse_target (b, m, h)``."""
     b, m, h, d = q.shape
     acc = acc_dtype(q.dtype)
-    blocks = plan_blocks(m, h, k.shape[2], segments, opts.dilation_rates, opts.offsets, opts.head_groups)
+    blocks = plan_blocks(m, h, k.shape[2], segments, opts.dilation_rates, opts.offsets, opts.head_groups,
+                         diagonal_blocks=key_valid is None)
     lse_total = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device)
     results = []
     for bi, block in enumerate(blocks):  # phase 1: every block's attention, and the merged LSE
@@ -170,42 +256,38 @@ def _forward_chunk(q, k, v, key_valid, opts: EngineOptions, segments, chunk: int
         lse_b = lse_b.to(acc)
         if kv_rows is not None:  # rows whose keys are all padded: no keys, whatever the kernel said
             lse_b = lse_b.masked_fill(~_has_key(kv_rows, opts.is_causal)[:, None, :], float("-inf"))
-        lse_view = _heads(_rows(lse_total.unsqueeze(-1), block), block.heads).squeeze(-1)
-        _write_heads(_rows(lse_total.unsqueeze(-1), block), block.heads,
-                     torch.logaddexp(lse_view, _from_kernel(lse_b, b)).unsqueeze(-1))
+        if opts.merge == "torch":
+            lse_view = _view(lse_total.unsqueeze(-1), block, block.heads).squeeze(-1)
+            _write_view(lse_total.unsqueeze(-1), block, block.heads,
+                        torch.logaddexp(lse_view, _from_kernel(lse_b, b)).unsqueeze(-1))
         results.append((block, out_b, lse_b))
+    if opts.merge == "triton":
+        from .kernels.triton_gather import gather_blocks
+
+        gather_blocks(out_target, lse_target, blocks, [r[1] for r in results], [r[2] for r in results],
+                      num_heads=h, segments=tuple(segments), dilations=tuple(opts.dilation_rates))
+        return
     finite = torch.isfinite(lse_total)
     lse_safe = torch.where(finite, lse_total, torch.zeros_like(lse_total))
     out = torch.zeros(b, m, h, d, dtype=acc, device=q.device)
     for block, out_b, lse_b in results:  # phase 2: out = sum_i exp(lse_i - lse) * out_i
         weight = torch.exp(lse_b - _block_rowwise(lse_safe, block))  # (B, H, rows)
-        _add_heads_weighted(_rows(out, block), block.heads, _from_kernel(out_b, b), _from_kernel(weight, b))
-    return out, lse_total
+        _add_view_weighted(out, block, _from_kernel(out_b, b), _from_kernel(weight, b))
+    out_target.copy_(out)
+    lse_target.copy_(lse_total)
 
 
-def _write_heads(target5: torch.Tensor, index: HeadIndex, src: torch.Tensor) -> None:
-    if isinstance(index, slice):
-        target5[:, :, :, index] = src
-    else:
-        target5.index_copy_(3, torch.tensor(index, device=target5.device), src)
-
-
-def _add_heads_weighted(target5: torch.Tensor, index: HeadIndex, src: torch.Tensor, weight: torch.Tensor) -> None:
-    """target[:, :, :, index] += src * weight[..., None] (src in any float dtype, target fp32/fp64)."""
-    if isinstance(index, slice):
-        target5[:, :, :, index].addcmul_(src, weight.unsqueeze(-1))
-    else:
-        target5.index_add_(3, torch.tensor(index, device=target5.device), src.to(target5.dtype) * weight.unsqueeze(-1))
-
-
-def _backward_chunk(dout, q, k, v, out, lse, key_valid, dlse, opts: EngineOptions, segments, chunk: int, kernel):
-    """-> (dq, dk, dv) of one chunk in acc dtype."""
+def _backward_chunk(dout, q, k, v, out, lse, key_valid, dlse, opts: EngineOptions, segments, chunk: int, kernel,
+                    targets) -> None:
+    """Gradients of one chunk, written into ``targets = (dq, dk, dv)`` views."""
     b, m, h, d = q.shape
     acc = acc_dtype(q.dtype)
-    blocks = plan_blocks(m, h, k.shape[2], segments, opts.dilation_rates, opts.offsets, opts.head_groups)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    blocks = plan_blocks(m, h, k.shape[2], segments, opts.dilation_rates, opts.offsets, opts.head_groups,
+                         diagonal_blocks=key_valid is None)
+    if opts.grads_in_input_dtype:  # accumulate straight into the gradients (zeroed by the caller)
+        dq, dk, dv = targets
+    else:
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
     lse_bwd = torch.where(torch.isfinite(lse), lse, float("inf"))  # rows with no keys: P = 0
     delta = None
     if dlse is not None:  # d lse / d s = P: fold it into delta = rowsum(dO * O) - dlse
@@ -219,10 +301,12 @@ def _backward_chunk(dout, q, k, v, out, lse, key_valid, dlse, opts: EngineOption
             key_valid=kv_rows, is_causal=opts.is_causal, scale=opts.scale, dropout_p=opts.dropout_p,
             delta=None if delta is None else _block_rowwise(delta, block),
         )
-        _add_heads(_rows(dq, block), block.heads, _from_kernel(dq_b, b))
-        _add_heads(_rows(dk, block), block.kv_heads, _from_kernel(dk_b, b))
-        _add_heads(_rows(dv, block), block.kv_heads, _from_kernel(dv_b, b))
-    return dq, dk, dv
+        _add_view(dq, block, block.heads, _from_kernel(dq_b, b))
+        _add_view(dk, block, block.kv_heads, _from_kernel(dk_b, b))
+        _add_view(dv, block, block.kv_heads, _from_kernel(dv_b, b))
+    if not opts.grads_in_input_dtype:
+        for target, grad in zip(targets, (dq, dk, dv)):
+            target.copy_(grad)
 
 
 class _EngineFunction(torch.autograd.Function):
@@ -233,9 +317,8 @@ class _EngineFunction(torch.autograd.Function):
         lse = torch.empty(b, n, h, dtype=acc_dtype(q.dtype), device=q.device)
         for ci, (c0, c1, segments) in enumerate(_chunks(n, opts)):
             kv_c = None if key_valid is None else key_valid[:, c0:c1]
-            out_c, lse_c = _forward_chunk(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], kv_c, opts, segments, ci)
-            out[:, c0:c1] = out_c
-            lse[:, c0:c1] = lse_c
+            _forward_chunk(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], kv_c, opts, segments, ci,
+                           out[:, c0:c1], lse[:, c0:c1])
         ctx.save_for_backward(q, k, v, key_valid, out, lse)
         ctx.opts = opts
         ctx.set_materialize_grads(False)
@@ -252,16 +335,15 @@ class _EngineFunction(torch.autograd.Function):
             kernel = choose_kernel(_inputs(q, key_valid, opts.dropout_p, True))
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        make = torch.zeros_like if opts.grads_in_input_dtype else torch.empty_like
+        dq, dk, dv = make(q), make(k), make(v)
         for ci, (c0, c1, segments) in enumerate(_chunks(q.shape[1], opts)):
             sl = slice(c0, c1)
-            grads = _backward_chunk(
+            _backward_chunk(
                 dout[:, sl], q[:, sl], k[:, sl], v[:, sl], out[:, sl], lse[:, sl],
                 None if key_valid is None else key_valid[:, sl], None if dlse is None else dlse[:, sl],
-                opts, segments, ci, kernel,
+                opts, segments, ci, kernel, (dq[:, sl], dk[:, sl], dv[:, sl]),
             )
-            for target, g in zip((dq, dk, dv), grads):
-                target[:, sl] = g
         return dq, dk, dv, None, None
 
 

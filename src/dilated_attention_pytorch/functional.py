@@ -8,7 +8,7 @@ import torch
 
 from . import _validation as V
 from .patterns import OffsetRule
-from .backends import CHUNK_TOKENS, choose_backend
+from .backends import choose_backend, chunk_tokens
 from .engine import EngineOptions, run_engine
 from .reference import REFERENCE_MAX_SCORES, reference_dilated_attention
 
@@ -44,8 +44,10 @@ def dilated_attention(
         head_groups: pattern ``i`` serves only head group ``i`` instead of all heads.
         key_padding_mask: ``(b, n)`` bool, ``True`` marks padding keys that are never attended.
         return_lse: also return the log-sum-exp ``(b, h, n)`` (float32; float64 for float64 inputs).
-        backend: ``"fused"`` (CUDA fp16/bf16: cuDNN attention per block), ``"portable"`` (PyTorch's
-            fused attention kernels per block on any device), ``"auto"`` (fused where it supports the
+        backend: ``"fused"`` (CUDA fp16/bf16, no padding mask or dropout: cuDNN attention per block on
+            strided views, one Triton gather-merge kernel per chunk, gradients summed in the input
+            dtype), ``"portable"`` (PyTorch's fused attention kernels per block on any device, fp32
+            merge in PyTorch ops), ``"auto"`` (fused where it supports the
             inputs, else portable; :func:`explain_backend` says which and why), or ``"reference"``
             (dense float64, small inputs only). Fused and portable use O(n·w) memory.
 
@@ -85,7 +87,9 @@ def dilated_attention(
         opts = EngineOptions(
             segment_lengths=tuple(min(w, n) for w in segment_lengths), dilation_rates=dilation_rates,
             offsets=offsets, head_groups=head_groups, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-            kernel=choice.kernel, chunk_tokens=CHUNK_TOKENS,
+            kernel=choice.kernel, chunk_tokens=chunk_tokens(n),
+            merge="triton" if choice.backend == "fused" else "torch",
+            grads_in_input_dtype=choice.backend == "fused",
         )
         key_valid = None if key_padding_mask is None else ~key_padding_mask
         out, lse_bnh = run_engine(query, key, value, key_valid, opts)

@@ -12,7 +12,7 @@ __all__ = [
 ]
 
 # The portable path's kernels, in order of preference: the first with no reasons against it runs.
-KERNELS: tuple[BlockKernel, ...] = (CudaFlashKernel(), CpuFlashKernel(), MathKernel())
+KERNELS: tuple[BlockKernel, ...] = (CudnnKernel(), CudaFlashKernel(), CpuFlashKernel(), MathKernel())
 # The fused GPU path's kernels.
 FUSED_KERNELS: tuple[BlockKernel, ...] = (CudnnKernel(),)
 

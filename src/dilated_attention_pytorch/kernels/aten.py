@@ -7,6 +7,9 @@ from typing import Any
 import torch
 
 from .base import BlockInputs
+from .math import MathKernel
+
+_ONE_ROW = MathKernel()
 
 __all__ = ["CpuFlashKernel", "CudaFlashKernel", "CudnnKernel"]
 
@@ -75,8 +78,11 @@ class CudaFlashKernel:
 
     def backward(self, dout, q, k, v, out, lse, rng_state, *, key_valid, is_causal, scale, dropout_p, delta):
         cum_q, cum_k, max_q, max_k, seed, offset = rng_state
+        # FlashAttention-2's backward gave wrong gradients on some strided layouts (seen on an H200 with
+        # key/value copies beside strided queries); contiguous inputs are always right.
+        dout, q, k, v, out = (x.contiguous() for x in (dout, q, k, v, out))
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.float(), cum_q, cum_k, max_q, max_k, dropout_p, is_causal,
+            dout, q, k, v, out, lse.float().contiguous(), cum_q, cum_k, max_q, max_k, dropout_p, is_causal,
             seed, offset, scale=scale,
         )
         return dq, dk, dv
@@ -113,11 +119,16 @@ class CudnnKernel:
         return reasons
 
     def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p):
+        if q.shape[2] == 1:  # cuDNN rejects s_q = s_kv = 1; such blocks are one dot product each
+            return _ONE_ROW.forward(q, k, v, key_valid=None, is_causal=is_causal, scale=scale, dropout_p=0.0)
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
         return out, _cudnn_lse(lse, q), (lse.shape, cum_q, cum_k, max_q, max_k, seed, offset)
 
     def backward(self, dout, q, k, v, out, lse, rng_state, *, key_valid, is_causal, scale, dropout_p, delta):
+        if q.shape[2] == 1:
+            return _ONE_ROW.backward(dout, q, k, v, out, lse, rng_state, key_valid=None, is_causal=is_causal,
+                                     scale=scale, dropout_p=0.0, delta=None)
         lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = rng_state
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.float().reshape(lse_shape).contiguous(), seed, offset, None, cum_q, cum_k,

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m dilated_attention_pytorch bench``."""

@@ -1,0 +1,173 @@
+"""A Triton kernel that gathers the outputs of all blocks of a chunk into the final tensor in one pass.
+
+Forward (``weighted=True``): for each token ``t`` and head ``j``, the merged LSE ``L = log Σ_i exp(l_i)``
+over the patterns that cover ``(t, j)`` and the merged row ``Σ_i exp(l_i - L) · O_i`` in fp32,
+written once in the output dtype — each block output is read once, nothing is read-modified-written.
+Backward (``weighted=False``): the sum over patterns (and, for key/value heads, over the query heads
+of a GQA group) of the blocks' gradient rows.
+
+Block outputs stay where the block kernel put them; the kernel finds each row through a table of
+block base pointers and strides and a table of ``(offset, head position, block ids)`` per pattern and
+head. Runs on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check it).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+__all__ = ["gather_blocks", "triton_available"]
+
+
+def triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+@lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather_kernel(
+        out_ptr, lse_out_ptr, src_tab, src_strides, lse_tab, lse_strides, pat_tab, head_tab,
+        m_len, num_heads, num_patterns, head_dim,
+        s_ob, s_ot, s_oh, s_lb, s_lt, s_lh,
+        WEIGHTED: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        jt = tl.program_id(1)
+        bb = tl.program_id(2)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_ok = t < m_len
+        dd = tl.arange(0, BLOCK_D)
+        d_ok = dd < head_dim
+        elem = out_ptr.dtype.element_ty
+        big_l = tl.zeros([BLOCK_T], dtype=tl.float32)
+        if WEIGHTED:  # pass 1: merged log-sum-exp over the covering patterns
+            mx = tl.full([BLOCK_T], float("-inf"), tl.float32)
+            total = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for i in range(num_patterns):
+                seg_len = tl.load(pat_tab + 3 * i)
+                r = tl.load(pat_tab + 3 * i + 1)
+                full = tl.load(pat_tab + 3 * i + 2)
+                hrow = head_tab + 4 * (i * num_heads + jt)
+                off, hpos = tl.load(hrow), tl.load(hrow + 1)
+                seg = t // seg_len
+                within = t - seg * seg_len
+                in_full = seg < full
+                bid = tl.where(in_full, tl.load(hrow + 2), tl.load(hrow + 3))
+                ok = t_ok & (within % r == off) & (bid >= 0)
+                row_b = tl.where(in_full, bb * full + seg, bb).to(tl.int64)
+                base = tl.load(lse_tab + bid, mask=ok, other=0).to(tl.pointer_type(tl.float32))
+                sb = tl.load(lse_strides + 3 * bid, mask=ok, other=0)
+                sh = tl.load(lse_strides + 3 * bid + 1, mask=ok, other=0)
+                sl = tl.load(lse_strides + 3 * bid + 2, mask=ok, other=0)
+                lse = tl.load(base + row_b * sb + hpos * sh + (within // r).to(tl.int64) * sl, mask=ok,
+                              other=float("-inf"))
+                new_mx = tl.maximum(mx, lse)
+                safe = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+                total = total * tl.exp(mx - safe) + tl.exp(lse - safe)
+                mx = new_mx
+            safe = tl.where(mx == float("-inf"), 0.0, mx)
+            big_l = safe + tl.log(total)  # -inf where no pattern covers the row
+            big_l_safe = tl.where(total > 0, big_l, 0.0)
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for g in tl.static_range(GROUP):  # pass 2: the (weighted) sum of the covering rows
+            j = jt * GROUP + g
+            for i in range(num_patterns):
+                seg_len = tl.load(pat_tab + 3 * i)
+                r = tl.load(pat_tab + 3 * i + 1)
+                full = tl.load(pat_tab + 3 * i + 2)
+                hrow = head_tab + 4 * (i * num_heads + j)
+                off, hpos = tl.load(hrow), tl.load(hrow + 1)
+                seg = t // seg_len
+                within = t - seg * seg_len
+                in_full = seg < full
+                bid = tl.where(in_full, tl.load(hrow + 2), tl.load(hrow + 3))
+                ok = t_ok & (within % r == off) & (bid >= 0)
+                row_b = tl.where(in_full, bb * full + seg, bb).to(tl.int64)
+                row_k = (within // r).to(tl.int64)
+                base = tl.load(src_tab + bid, mask=ok, other=0).to(tl.pointer_type(elem))
+                sb = tl.load(src_strides + 3 * bid, mask=ok, other=0)
+                sh = tl.load(src_strides + 3 * bid + 1, mask=ok, other=0)
+                sl = tl.load(src_strides + 3 * bid + 2, mask=ok, other=0)
+                rows = tl.load((base + row_b * sb + hpos * sh + row_k * sl)[:, None] + dd[None, :],
+                               mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                if WEIGHTED:
+                    lbase = tl.load(lse_tab + bid, mask=ok, other=0).to(tl.pointer_type(tl.float32))
+                    lsb = tl.load(lse_strides + 3 * bid, mask=ok, other=0)
+                    lsh = tl.load(lse_strides + 3 * bid + 1, mask=ok, other=0)
+                    lsl = tl.load(lse_strides + 3 * bid + 2, mask=ok, other=0)
+                    lse = tl.load(lbase + row_b * lsb + hpos * lsh + row_k * lsl, mask=ok, other=float("-inf"))
+                    rows = rows * tl.exp(lse - big_l_safe)[:, None]
+                acc += rows
+        t64 = t.to(tl.int64)
+        o_ptrs = out_ptr + bb.to(tl.int64) * s_ob + t64[:, None] * s_ot + jt * s_oh + dd[None, :]
+        tl.store(o_ptrs, acc.to(elem), mask=t_ok[:, None] & d_ok[None, :])
+        if WEIGHTED:
+            tl.store(lse_out_ptr + bb.to(tl.int64) * s_lb + t64 * s_lt + jt * s_lh, big_l, mask=t_ok)
+
+    return gather_kernel
+
+
+def _tables(blocks: Sequence, num_heads: int, m_len: int, segments: tuple, dilations: tuple) -> tuple:
+    """(pattern table [k, 3], head table [k, h, 4]) as nested lists: (W, r, full) and
+    (offset, head position, full-span block, tail block) with -1 where nothing covers."""
+    pat = [[w, r, m_len // w] for w, r in zip(segments, dilations)]
+    head = [[[-1, 0, -1, -1] for _ in range(num_heads)] for _ in segments]
+    for bid, block in enumerate(blocks):
+        i = block.pattern
+        is_full = block.span.start == 0 and block.span.segment == segments[i]
+        for pos, j in enumerate(block.head_list(num_heads)):
+            entry = head[i][j]
+            entry[0], entry[1] = block.head_offset(pos), pos
+            entry[2 if is_full else 3] = bid
+    return pat, head
+
+
+def gather_blocks(
+    target: torch.Tensor,
+    lse_target: torch.Tensor | None,
+    blocks: Sequence,
+    sources: Sequence[torch.Tensor],
+    lses: Sequence[torch.Tensor] | None,
+    *,
+    num_heads: int,
+    segments: tuple[int, ...],
+    dilations: tuple[int, ...],
+    group: int = 1,
+) -> None:
+    """Write into ``target (b, m, H_t, D)`` (a strided view is fine, unit stride in D) the merged
+    (``lses`` given: also into ``lse_target (b, m, H_t)`` float32) or summed block rows.
+
+    ``sources[i]`` is block ``i``'s kernel-layout tensor ``(B, H', L, D)``; ``lses[i]`` its ``(B, H', L)``.
+    ``group``: query heads per target head (key/value gradients under GQA).
+    """
+    b, m_len, h_t, d = target.shape
+    dev = target.device
+    pat, head = _tables(blocks, num_heads, m_len, segments, dilations)
+    sources = [s if s.stride(-1) == 1 else s.contiguous() for s in sources]
+    src_tab = torch.tensor([s.data_ptr() for s in sources], dtype=torch.int64, device=dev)
+    src_strides = torch.tensor([list(s.stride()[:3]) for s in sources], dtype=torch.int64, device=dev)
+    weighted = lses is not None
+    if weighted:
+        lses = [x.float() for x in lses]
+        lse_tab = torch.tensor([x.data_ptr() for x in lses], dtype=torch.int64, device=dev)
+        lse_strides = torch.tensor([list(x.stride()) for x in lses], dtype=torch.int64, device=dev)
+        lse_out, s_l = lse_target, lse_target.stride()
+    else:
+        lse_tab, lse_strides, lse_out, s_l = src_tab, src_strides, target, (0, 0, 0)
+    block_d = max(16, 1 << (d - 1).bit_length())
+    block_t = 32 if block_d <= 128 else 16
+    grid = ((m_len + block_t - 1) // block_t, h_t, b)
+    _kernel()[grid](
+        target, lse_out, src_tab, src_strides, lse_tab, lse_strides,
+        torch.tensor(pat, dtype=torch.int32, device=dev), torch.tensor(head, dtype=torch.int32, device=dev),
+        m_len, num_heads, len(segments), d, *target.stride()[:3], *s_l,
+        WEIGHTED=weighted, GROUP=group, BLOCK_T=block_t, BLOCK_D=block_d,
+    )
