@@ -175,7 +175,9 @@ def check_low_precision(q, k, v, ws, rs, is_causal, backend):
     ref_grads = torch.autograd.grad((ref * g_out).sum(), (q, k, v))
     plain_grads = torch.autograd.grad((plain.double() * g_out).sum(), (q, k, v))
     for gr, rg, pg in zip(grads, ref_grads, plain_grads):
-        assert rel_err(gr, rg) <= 2 * rel_err(pg, rg) + 1e-3, (rel_err(gr, rg), rel_err(pg, rg))
+        # absolute norms: a reference gradient can be exactly zero (a row that sees only itself)
+        ours, plain_err = (gr.double() - rg).norm().item(), (pg.double() - rg).norm().item()
+        assert ours <= 2 * plain_err + 1e-3 * max(rg.norm().item(), 1.0), (ours, plain_err, rg.norm().item())
 
 
 LOW_PRECISION_BACKENDS = ["portable"] + (["fused"] if torch.cuda.is_available() else [])

@@ -70,8 +70,10 @@ def _randn(shape, cfg: BenchConfig, grad: bool) -> torch.Tensor:
     return t.requires_grad_(grad)
 
 
-def _step(fn: Callable[[], torch.Tensor], grad_out: Optional[torch.Tensor]) -> Callable[[], None]:
+def _step(fn: Callable[[], torch.Tensor], grad_out: Optional[torch.Tensor], inputs) -> Callable[[], None]:
     def call() -> None:
+        for t in inputs:  # fresh gradients each call: accumulating into old ones would inflate peak memory
+            t.grad = None
         out = fn()
         if grad_out is not None:
             out.backward(grad_out)
@@ -90,7 +92,7 @@ def _time_sdpa(cfg: BenchConfig, batch: int, length: int, backward: bool) -> tup
         with _sdpa_context(device):
             return F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal, enable_gqa=hk != h)
 
-    return measure(_step(fn, g), device, cfg.warmup, cfg.repeats)
+    return measure(_step(fn, g, (q, k, v)), device, cfg.warmup, cfg.repeats)
 
 
 def _time_dilated(cfg: BenchConfig, n: int, backend: str, backward: bool) -> tuple[float, float]:
@@ -99,7 +101,7 @@ def _time_dilated(cfg: BenchConfig, n: int, backend: str, backward: bool) -> tup
     k, v = (_randn((cfg.batch, n, cfg.kv_heads or cfg.heads, cfg.head_dim), cfg, backward) for _ in range(2))
     g = torch.randn_like(q) if backward else None
     fn = lambda: dilated_attention(q, k, v, cfg.segments, cfg.dilations, is_causal=cfg.causal, backend=backend)  # noqa: E731
-    return measure(_step(fn, g), device, cfg.warmup, cfg.repeats)
+    return measure(_step(fn, g, (q, k, v)), device, cfg.warmup, cfg.repeats)
 
 
 def _ceiling(cfg: BenchConfig, n: int, backward: bool) -> tuple[float, float]:
