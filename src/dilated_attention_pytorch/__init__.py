@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from .attention import BaseDilatedAttention, DilatedAttention
 from .backends import BackendChoice, explain_backend
+from .block_sparse import (
+    BlockSparseRingDilatedAttention,
+    BlockSparseRingDistributedDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
+    SparsePatternConfig,
+    block_sparse_attention,
+)
 from .config import DilatedAttentionConfig
 from .functional import dilated_attention
 from .improved import ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention
@@ -13,11 +20,16 @@ __all__ = [
     "BackendChoice",
     "BaseDilatedAttention",
     "BaseMultiheadDilatedAttention",
+    "BlockSparseRingDilatedAttention",
+    "BlockSparseRingDistributedDilatedAttention",
+    "BlockSparseRingMultiheadDilatedAttention",
     "DilatedAttention",
     "DilatedAttentionConfig",
     "ImprovedDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
     "MultiheadDilatedAttention",
+    "SparsePatternConfig",
+    "block_sparse_attention",
     "dilated_attention",
     "explain_backend",
 ]

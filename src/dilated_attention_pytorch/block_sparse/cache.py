@@ -6,11 +6,11 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Callable, Generic, Hashable, Optional, TypeVar
 
 import torch
 
-__all__ = ["CacheStats", "LRUCache", "layout_digest", "METADATA_CACHE"]
+__all__ = ["CacheStats", "LRUCache", "layout_digest", "tensor_bytes", "METADATA_CACHE"]
 
 T = TypeVar("T")
 
@@ -21,39 +21,51 @@ class CacheStats:
     misses: int
     size: int
     maxsize: int
+    nbytes: int  # bytes of the entries that declared their size
+    max_bytes: Optional[int]
 
 
 class LRUCache(Generic[T]):
-    """At most ``maxsize`` entries; the least recently used one is evicted first.
+    """At most ``maxsize`` entries and, when ``max_bytes`` is set, at most that many bytes of declared
+    entry sizes (the newest entry always stays); the least recently used entry is evicted first.
 
-    ``get_or_create(key, make)`` runs ``make()`` outside the lock on a miss (two threads missing the same
-    key at once may both build it; the first stored value wins and both get that one).
+    ``get_or_create(key, make, nbytes)`` runs ``make()`` outside the lock on a miss (two threads missing
+    the same key at once may both build it; the first stored value wins and both get that one).
     """
 
-    def __init__(self, maxsize: int = 64) -> None:
+    def __init__(self, maxsize: int = 64, max_bytes: Optional[int] = None) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ValueError(f"maxsize must be an int >= 1, but got {maxsize!r}")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+            raise ValueError(f"max_bytes must be None or an int >= 1, but got {max_bytes!r}")
         self.maxsize = maxsize
-        self._data: OrderedDict[Hashable, T] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[Hashable, tuple[T, int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
         self._hits = 0
         self._misses = 0
 
-    def get_or_create(self, key: Hashable, make: Callable[[], T]) -> T:
+    def get_or_create(self, key: Hashable, make: Callable[[], T], nbytes: Optional[Callable[[T], int]] = None) -> T:
         with self._lock:
             if key in self._data:
                 self._hits += 1
                 self._data.move_to_end(key)
-                return self._data[key]
+                return self._data[key][0]
             self._misses += 1
         value = make()
+        size = int(nbytes(value)) if nbytes is not None else 0
         with self._lock:
             if key in self._data:  # another thread stored it meanwhile
                 self._data.move_to_end(key)
-                return self._data[key]
-            self._data[key] = value
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
+                return self._data[key][0]
+            self._data[key] = (value, size)
+            self._bytes += size
+            while len(self._data) > self.maxsize or (
+                self.max_bytes is not None and self._bytes > self.max_bytes and len(self._data) > 1
+            ):
+                _, (_, evicted) = self._data.popitem(last=False)
+                self._bytes -= evicted
             return value
 
     def __len__(self) -> int:
@@ -66,27 +78,55 @@ class LRUCache(Generic[T]):
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(self._hits, self._misses, len(self._data), self.maxsize)
+            return CacheStats(self._hits, self._misses, len(self._data), self.maxsize, self._bytes, self.max_bytes)
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._bytes = 0
             self._hits = 0
             self._misses = 0
 
 
+def tensor_bytes(obj: object) -> int:
+    """Bytes of the tensors in ``obj``: a tensor, or (nested) tuples/lists/dicts/dataclass-like objects."""
+    seen: set[int] = set()
+
+    def walk(x: object, depth: int) -> int:
+        if isinstance(x, torch.Tensor):
+            if id(x) in seen:
+                return 0
+            seen.add(id(x))
+            return x.nelement() * x.element_size()
+        if depth > 3:
+            return 0
+        if isinstance(x, (tuple, list)):
+            return sum(walk(y, depth + 1) for y in x)
+        if isinstance(x, dict):
+            return sum(walk(y, depth + 1) for y in x.values())
+        if hasattr(x, "__dict__"):
+            return sum(walk(y, depth + 1) for y in vars(x).values())
+        if hasattr(x, "__slots__"):
+            return sum(walk(getattr(x, name, None), depth + 1) for name in x.__slots__)
+        return 0
+
+    return walk(obj, 0)
+
+
 def layout_digest(layout: torch.Tensor) -> str:
     """Content hash of a bool layout: its bits packed on its own device, then BLAKE2b on the host."""
-    flat = layout.reshape(-1).to(torch.uint8)
+    flat = layout.contiguous().view(torch.uint8).reshape(-1)  # bool -> uint8 without a copy
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
     packed = (flat.view(-1, 8) * weights).sum(-1, dtype=torch.uint8)  # (numel/8,) one byte per 8 entries
-    digest = hashlib.blake2b(packed.cpu().numpy().tobytes(), digest_size=16)
+    digest = hashlib.blake2b(packed.cpu().numpy(), digest_size=16)
     digest.update(repr(tuple(layout.shape)).encode())
     return digest.hexdigest()
 
 
-# Metadata of every path (index plans, FlexAttention block masks). Keys always include the device.
-METADATA_CACHE: LRUCache = LRUCache(maxsize=64)
+# Metadata of every path (index plans, FlexAttention block masks, exchange plans, built layouts). Keys
+# always include the device. A FlexAttention block mask at 256K tokens, 16 heads, block 128 holds ~1 GB
+# of block indices, hence the byte bound.
+METADATA_CACHE: LRUCache = LRUCache(maxsize=64, max_bytes=4 << 30)

@@ -1,0 +1,97 @@
+"""The GPU path: FlexAttention with a ``BlockMask`` built straight from the block layout.
+
+Time is proportional to the active tiles: the kernel visits only the key blocks each query block lists.
+Under ``is_causal`` the diagonal tiles are the only partial ones (their ``mask_mod`` is evaluated);
+every other active tile is a *full* block that skips ``mask_mod``. Nothing of size n x n is built: the
+block mask holds block indices only. The compiled ``flex_attention`` is built once and held.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["flex_reasons", "layout_block_mask", "flex_block_sparse_attention"]
+
+FLEX_TILE = 128  # the layout's blocks must be whole multiples of FlexAttention's kernel tiles
+
+
+def flex_reasons(query: torch.Tensor, block_size: int) -> list[str]:
+    """Why the FlexAttention path cannot run these inputs (empty: it can)."""
+    reasons = []
+    if query.device.type != "cuda":
+        reasons.append(f"runs on cuda only (FlexAttention has no CPU backward), inputs are on {query.device.type}")
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"needs float16, bfloat16 or float32, inputs are {query.dtype}")
+    if block_size % FLEX_TILE != 0:
+        reasons.append(f"needs block_size a multiple of {FLEX_TILE} (its kernel tile), got {block_size}")
+    if query.shape[-1] > 256:
+        reasons.append(f"needs head_dim <= 256, got {query.shape[-1]}")
+    return reasons
+
+
+def _flex_module() -> Any:
+    from torch.nn.attention import flex_attention as flex  # optional: present from torch 2.5
+
+    return flex
+
+
+def _kv_blocks(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, nq, nk) bool -> (num (1, H, nq) int32, indices (1, H, nq, nk) int32 with active blocks first,
+    in ascending order)."""
+    num = active.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(active.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num[None], idx[None]
+
+
+def layout_mask_mod(layout: torch.Tensor, block_size: int, is_causal: bool) -> Callable:
+    """``mask_mod(b, h, q_idx, kv_idx)`` of the layout at token level (what FlexAttention evaluates on
+    partial tiles, and everywhere in its unfused eager mode)."""
+    per_head = layout.shape[0] > 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = layout[h if per_head else 0, q_idx // block_size, kv_idx // block_size]
+        return allowed & (kv_idx <= q_idx) if is_causal else allowed
+
+    return mask_mod
+
+
+def layout_block_mask(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: bool) -> Any:
+    """A FlexAttention ``BlockMask`` (batch 1, heads ``layout.shape[0]``) equal to the layout."""
+    flex = _flex_module()
+    h, nb, _ = layout.shape
+    blocks = torch.arange(nb, device=layout.device)
+    if is_causal:
+        full = layout & (blocks[None, :, None] > blocks[None, None, :])
+        partial = layout & (blocks[None, :, None] == blocks[None, None, :])
+    else:
+        full = layout
+        partial = torch.zeros_like(layout)
+    kv_num, kv_idx = _kv_blocks(partial)
+    full_num, full_idx = _kv_blocks(full)
+    return flex.BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+        # a private copy: a cached block mask must not change if the caller edits its layout in place
+        mask_mod=layout_mask_mod(layout.clone(), block_size, is_causal), seq_lengths=(seq_len, seq_len),
+    )
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    """``torch.compile(flex_attention)``, built on first use and held."""
+    return torch.compile(_flex_module().flex_attention, dynamic=False)
+
+
+def flex_block_sparse_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any, *, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out (b, n, h, d), lse (b, h, n) float32). ``block_mask`` from :func:`layout_block_mask`."""
+    flex = _flex_module()
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (b, h, n, d)
+    out, aux = _compiled_flex_attention()(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        return_aux=flex.AuxRequest(lse=True),
+    )
+    return out.transpose(1, 2), aux.lse
