@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -64,6 +65,7 @@ def _as_index(heads: Sequence[int]) -> HeadIndex:
     return tuple(heads)
 
 
+@lru_cache(maxsize=256)
 def plan_blocks(
     n: int,
     num_heads: int,
@@ -73,7 +75,7 @@ def plan_blocks(
     offsets: OffsetRule,
     head_groups: bool,
     diagonal_blocks: bool = False,
-) -> list[Block]:
+) -> tuple[Block, ...]:
     """The kernel calls for ``n`` tokens. ``segment_lengths`` must already be the effective ``W_i``.
     ``diagonal_blocks`` allows diagonal blocks (not with key masks, whose rows would differ by head)."""
     group = num_heads // num_kv_heads
@@ -92,7 +94,7 @@ def plan_blocks(
             for span in row_spans(n, pg.segment, pg.dilation, pg.offset):
                 if span.start not in done:
                     blocks.append(Block(span, pg.offset, pg.dilation, heads, kv, i))
-    return blocks
+    return tuple(blocks)
 
 
 def _diagonal_spans(n: int, num_heads: int, group: int, seg: int, r: int, mine) -> list[RowSpan]:
@@ -136,11 +138,17 @@ def _rows(x: torch.Tensor, block: Block) -> torch.Tensor:
     return seg[:, :, block.offset :: block.dilation]
 
 
+@lru_cache(maxsize=1024)
+def _index_tensor(index: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Head indices on the device, made once (a host-to-device copy would stall the queue)."""
+    return torch.tensor(index, device=device)
+
+
 def _heads(x: torch.Tensor, index: HeadIndex) -> torch.Tensor:
     """Select heads (dim 3) of a (b, count, rows, H, ...) tensor: a view for a slice, else a copy."""
     if isinstance(index, slice):
         return x[:, :, :, index]
-    return x.index_select(3, torch.tensor(index, device=x.device))
+    return x.index_select(3, _index_tensor(index, x.device))
 
 
 def _add_heads(target: torch.Tensor, index: HeadIndex, src: torch.Tensor) -> None:
@@ -148,7 +156,7 @@ def _add_heads(target: torch.Tensor, index: HeadIndex, src: torch.Tensor) -> Non
     if isinstance(index, slice):
         target[:, :, :, index] += src
     else:
-        target.index_add_(3, torch.tensor(index, device=target.device), src.to(target.dtype))
+        target.index_add_(3, _index_tensor(index, target.device), src.to(target.dtype))
 
 
 def _view(x: torch.Tensor, block: Block, heads: HeadIndex) -> torch.Tensor:
@@ -172,7 +180,7 @@ def _add_view(target: torch.Tensor, block: Block, heads: HeadIndex, src: torch.T
 def _write_view(target: torch.Tensor, block: Block, heads: HeadIndex, src: torch.Tensor) -> None:
     """The block's rows and heads of ``target`` = ``src``."""
     if block.diag_m is None and not isinstance(heads, slice):
-        _rows(target, block).index_copy_(3, torch.tensor(heads, device=target.device), src)
+        _rows(target, block).index_copy_(3, _index_tensor(heads, target.device), src)
     else:
         _view(target, block, heads).copy_(src)
 
@@ -180,7 +188,7 @@ def _write_view(target: torch.Tensor, block: Block, heads: HeadIndex, src: torch
 def _add_view_weighted(target: torch.Tensor, block: Block, src: torch.Tensor, weight: torch.Tensor) -> None:
     """The block's rows and heads of ``target (fp32/fp64)`` += ``src * weight[..., None]``."""
     if block.diag_m is None and not isinstance(block.heads, slice):
-        index = torch.tensor(block.heads, device=target.device)
+        index = _index_tensor(block.heads, target.device)
         _rows(target, block).index_add_(3, index, src.to(target.dtype) * weight.unsqueeze(-1))
     else:
         _view(target, block, block.heads).addcmul_(src, weight.unsqueeze(-1))

@@ -152,22 +152,29 @@ def gather_blocks(
     dev = target.device
     pat, head = _tables(blocks, num_heads, m_len, segments, dilations)
     sources = [s if s.stride(-1) == 1 else s.contiguous() for s in sources]
-    src_tab = torch.tensor([s.data_ptr() for s in sources], dtype=torch.int64, device=dev)
-    src_strides = torch.tensor([list(s.stride()[:3]) for s in sources], dtype=torch.int64, device=dev)
     weighted = lses is not None
+    lses = [x.float() for x in lses] if weighted else sources
+    nb = len(sources)
+    # every table in one int64 buffer, copied without blocking the host (a blocking copy would drain
+    # the queue of block kernels before each gather)
+    values = [s.data_ptr() for s in sources] + [x for s in sources for x in s.stride()[:3]]
+    values += [x.data_ptr() for x in lses] + [x for t in lses for x in t.stride()[:3]]
+    values += [x for row in pat for x in row] + [x for rows in head for row in rows for x in row]
+    packed = torch.tensor(values, dtype=torch.int64)
+    if dev.type == "cuda":
+        packed = packed.pin_memory().to(dev, non_blocking=True)
+    src_tab, src_strides = packed[:nb], packed[nb : 4 * nb]
+    lse_tab, lse_strides = packed[4 * nb : 5 * nb], packed[5 * nb : 8 * nb]
+    pat_t, head_t = packed[8 * nb : 8 * nb + 3 * len(pat)], packed[8 * nb + 3 * len(pat) :]
     if weighted:
-        lses = [x.float() for x in lses]
-        lse_tab = torch.tensor([x.data_ptr() for x in lses], dtype=torch.int64, device=dev)
-        lse_strides = torch.tensor([list(x.stride()) for x in lses], dtype=torch.int64, device=dev)
         lse_out, s_l = lse_target, lse_target.stride()
     else:
-        lse_tab, lse_strides, lse_out, s_l = src_tab, src_strides, target, (0, 0, 0)
+        lse_out, s_l = target, (0, 0, 0)
     block_d = max(16, 1 << (d - 1).bit_length())
     block_t = 32 if block_d <= 128 else 16
     grid = ((m_len + block_t - 1) // block_t, h_t, b)
     _kernel()[grid](
-        target, lse_out, src_tab, src_strides, lse_tab, lse_strides,
-        torch.tensor(pat, dtype=torch.int32, device=dev), torch.tensor(head, dtype=torch.int32, device=dev),
+        target, lse_out, src_tab, src_strides, lse_tab, lse_strides, pat_t, head_t,
         m_len, num_heads, len(segments), d, *target.stride()[:3], *s_l,
         WEIGHTED=weighted, GROUP=group, BLOCK_T=block_t, BLOCK_D=block_d,
     )
