@@ -236,6 +236,7 @@ class EngineOptions:
     chunk_tokens: int
     merge: str = "torch"  # "torch": two-phase merge in PyTorch ops; "triton": one gather kernel per chunk
     grads_in_input_dtype: bool = False  # accumulate dq/dk/dv over patterns in the input dtype (no fp32 copy)
+    piece_token_heads: int = 1 << 62  # backward: kernel calls cover at most about this many token-heads
     rng_states: dict = field(default_factory=dict)  # (chunk, block) -> the kernel's random state
 
 
@@ -301,20 +302,46 @@ def _backward_chunk(dout, q, k, v, out, lse, key_valid, dlse, opts: EngineOption
     if dlse is not None:  # d lse / d s = P: fold it into delta = rowsum(dO * O) - dlse
         delta = (dout.to(acc) * out.to(acc)).sum(-1) - torch.where(torch.isfinite(lse), dlse, 0.0)
     for bi, block in enumerate(blocks):
-        kv_rows = None if key_valid is None else _rows(key_valid, block).reshape(-1, block.span.rows)
-        dq_b, dk_b, dv_b = kernel.backward(
-            _block_tensor(dout, block, block.heads), _block_tensor(q, block, block.heads),
-            _block_tensor(k, block, block.kv_heads), _block_tensor(v, block, block.kv_heads),
-            _block_tensor(out, block, block.heads), _block_rowwise(lse_bwd, block), opts.rng_states[chunk, bi],
-            key_valid=kv_rows, is_causal=opts.is_causal, scale=opts.scale, dropout_p=opts.dropout_p,
-            delta=None if delta is None else _block_rowwise(delta, block),
-        )
-        _add_view(dq, block, block.heads, _from_kernel(dq_b, b))
-        _add_view(dk, block, block.kv_heads, _from_kernel(dk_b, b))
-        _add_view(dv, block, block.kv_heads, _from_kernel(dv_b, b))
+        rng = opts.rng_states[chunk, bi]
+        hq, hkv = block.heads, block.kv_heads
+        dout5, q5, out5 = _view(dout, block, hq), _view(q, block, hq), _view(out, block, hq)
+        k5, v5 = _view(k, block, hkv), _view(v, block, hkv)
+        lse5 = _view(lse_bwd.unsqueeze(-1), block, hq)
+        delta5 = None if delta is None else _view(delta.unsqueeze(-1), block, hq)
+        # Pieces of the block bound the temporaries (a piece's gradients and the kernel's workspace);
+        # a random stream belongs to the whole block, so blocks with dropout are not cut.
+        whole = opts.dropout_p > 0
+        for c0, c1, h0, h1 in _pieces(b, block.span.count, block.span.rows, q5.shape[3], opts.piece_token_heads, whole):
+            piece = lambda x5: _to_kernel(x5[:, c0:c1, :, h0:h1])  # noqa: E731
+            kv_rows = None if key_valid is None else _rows(key_valid, block)[:, c0:c1].reshape(-1, block.span.rows)
+            dq_b, dk_b, dv_b = kernel.backward(
+                piece(dout5), piece(q5), piece(k5), piece(v5), piece(out5), piece(lse5).squeeze(-1), rng,
+                key_valid=kv_rows, is_causal=opts.is_causal, scale=opts.scale, dropout_p=opts.dropout_p,
+                delta=None if delta5 is None else piece(delta5).squeeze(-1),
+            )
+            for target, index, grad in ((dq, hq, dq_b), (dk, hkv, dk_b), (dv, hkv, dv_b)):
+                _add_piece(target, block, index, (c0, c1, h0, h1), _from_kernel(grad, b))
     if not opts.grads_in_input_dtype:
         for target, grad in zip(targets, (dq, dk, dv)):
             target.copy_(grad)
+
+
+def _pieces(b: int, count: int, rows: int, heads: int, limit: int, whole: bool):
+    """(c0, c1, h0, h1) ranges of segments and heads with about ``limit`` token-heads each."""
+    if whole or b * count * rows * heads <= limit:
+        return [(0, count, 0, heads)]
+    hh = heads if b * rows * heads <= limit else max(1, limit // (b * rows))
+    cc = max(1, limit // (b * rows * hh))
+    return [(c0, min(count, c0 + cc), h0, min(heads, h0 + hh)) for c0 in range(0, count, cc) for h0 in range(0, heads, hh)]
+
+
+def _add_piece(target: torch.Tensor, block: Block, index: HeadIndex, piece, src: torch.Tensor) -> None:
+    """The piece's rows and heads of ``target`` += ``src (b, c1-c0, rows, h1-h0, ...)``."""
+    c0, c1, h0, h1 = piece
+    if block.diag_m is not None or isinstance(index, slice):
+        _view(target, block, index)[:, c0:c1, :, h0:h1].add_(src)
+    else:
+        _rows(target, block)[:, c0:c1].index_add_(3, _index_tensor(index[h0:h1], target.device), src.to(target.dtype))
 
 
 class _EngineFunction(torch.autograd.Function):

@@ -123,15 +123,16 @@ class CudnnKernel:
             return _ONE_ROW.forward(q, k, v, key_valid=None, is_causal=is_causal, scale=scale, dropout_p=0.0)
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
-        return out, _cudnn_lse(lse, q), (lse.shape, cum_q, cum_k, max_q, max_k, seed, offset)
+        return out, _cudnn_lse(lse, q), (lse.dim(), cum_q, cum_k, max_q, max_k, seed, offset)
 
     def backward(self, dout, q, k, v, out, lse, rng_state, *, key_valid, is_causal, scale, dropout_p, delta):
         if q.shape[2] == 1:
             return _ONE_ROW.backward(dout, q, k, v, out, lse, rng_state, key_valid=None, is_causal=is_causal,
                                      scale=scale, dropout_p=0.0, delta=None)
-        lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = rng_state
+        lse_dim, cum_q, cum_k, max_q, max_k, seed, offset = rng_state
+        stats = lse.float().reshape(*lse.shape, *([1] * (lse_dim - 3))).contiguous()
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.float().reshape(lse_shape).contiguous(), seed, offset, None, cum_q, cum_k,
+            dout, q, k, v, out, stats, seed, offset, None, cum_q, cum_k,
             max_q, max_k, 0.0, is_causal, scale=scale,
         )
         return dq, dk, dv
