@@ -15,6 +15,15 @@ from .config import DilatedAttentionConfig
 from .functional import dilated_attention
 from .improved import ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention
 from .multihead import BaseMultiheadDilatedAttention, MultiheadDilatedAttention
+from .parallel import (
+    CommStats,
+    DistributedImprovedDilatedAttention,
+    DistributedImprovedMultiheadDilatedAttention,
+    RingDilatedAttention,
+    RingMultiheadDilatedAttention,
+    head_parallel_dilated_attention,
+    ring_dilated_attention,
+)
 
 __all__ = [
     "BackendChoice",
@@ -23,15 +32,22 @@ __all__ = [
     "BlockSparseRingDilatedAttention",
     "BlockSparseRingDistributedDilatedAttention",
     "BlockSparseRingMultiheadDilatedAttention",
+    "CommStats",
     "DilatedAttention",
     "DilatedAttentionConfig",
+    "DistributedImprovedDilatedAttention",
+    "DistributedImprovedMultiheadDilatedAttention",
     "ImprovedDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
     "MultiheadDilatedAttention",
+    "RingDilatedAttention",
+    "RingMultiheadDilatedAttention",
     "SparsePatternConfig",
     "block_sparse_attention",
     "dilated_attention",
     "explain_backend",
+    "head_parallel_dilated_attention",
+    "ring_dilated_attention",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,292 @@
+"""Head-parallel (all-to-all, DeepSpeed-Ulysses style) dilated attention over sequence shards.
+
+Each rank passes its contiguous sequence shard ``(b, n_local, h, d)``. One all-to-all turns sequence
+shards into head shards ``(b, n, h/P, d)``; every rank runs single-device
+:func:`~dilated_attention_pytorch.dilated_attention` (``backend="auto"``) on the whole sequence for its
+heads; one all-to-all turns the result back into sequence shards. Gradients flow through the
+all-to-alls (the backward of one is the other). Each rank sends ``(P-1)/P`` of its q, k, v and output
+shards per layer: bytes per rank do not grow with the number of ranks, they grow with ``n_local``.
+
+Heads: ``h % P == 0`` is required. Key/value heads: with ``h_kv % P == 0`` each rank gets its own
+``h_kv/P`` of them (grouped-query attention is kept); otherwise keys/values are repeated to ``h`` heads
+before the all-to-all (exact, more bytes). Offsets and head groups are those of the global head index.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from .. import _validation as V
+from ..attention import BaseDilatedAttention
+from ..functional import dilated_attention
+from ..improved import ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention
+from ..patterns import OffsetRule, head_groups_of, head_offsets
+from .comm import (
+    DEFAULT_CHECK_TIMEOUT_S, CommStats, agree_or_raise, collective_device, config_digest, dtype_code, float_bits,
+    resolve_group,
+)
+
+__all__ = [
+    "DistributedImprovedDilatedAttention",
+    "DistributedImprovedMultiheadDilatedAttention",
+    "head_parallel_dilated_attention",
+]
+
+_WHAT = "head_parallel_dilated_attention"
+
+
+def _seq_to_heads(x: torch.Tensor, group: Any, world: int) -> torch.Tensor:
+    """(b, n_local, H, d) sequence shard -> (b, world·n_local, H/world, d) head shard."""
+    b, n_local, h, d = x.shape
+    send = x.reshape(b, n_local, world, h // world, d).permute(2, 0, 1, 3, 4).contiguous()  # (P, b, nl, hP, d)
+    recv = torch.empty_like(send)  # recv[p] = rank p's sequence shard of this rank's heads
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, world * n_local, h // world, d)
+
+
+def _heads_to_seq(y: torch.Tensor, group: Any, world: int) -> torch.Tensor:
+    """(b, world·n_local, H/world, d) head shard -> (b, n_local, H, d) sequence shard."""
+    b, n, hp, d = y.shape
+    send = y.reshape(b, world, n // world, hp, d).permute(1, 0, 2, 3, 4).contiguous()  # (P, b, nl, hP, d)
+    recv = torch.empty_like(send)  # recv[p] = this rank's sequence shard of rank p's heads
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, n // world, world * hp, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, world, stats):
+        ctx.group, ctx.world, ctx.stats = group, world, stats
+        _count(stats, x, world, forward=True)
+        return _seq_to_heads(x, group, world)
+
+    @staticmethod
+    def backward(ctx, dy):
+        _count(ctx.stats, dy, ctx.world, forward=False)
+        return _heads_to_seq(dy.contiguous(), ctx.group, ctx.world), None, None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, group, world, stats):
+        ctx.group, ctx.world, ctx.stats = group, world, stats
+        _count(stats, y, world, forward=True)
+        return _heads_to_seq(y, group, world)
+
+    @staticmethod
+    def backward(ctx, dx):
+        _count(ctx.stats, dx, ctx.world, forward=False)
+        return _seq_to_heads(dx.contiguous(), ctx.group, ctx.world), None, None, None
+
+
+def _count(stats: Optional[CommStats], x: torch.Tensor, world: int, forward: bool) -> None:
+    if stats is None:
+        return
+    sent = x.numel() * x.element_size() * (world - 1) // world  # the chunk for itself stays
+    if forward:
+        stats.forward_bytes_sent += sent
+        stats.forward_bytes_received += sent
+    else:
+        stats.backward_bytes_sent += sent
+        stats.backward_bytes_received += sent
+    stats.messages_sent += world - 1
+
+
+def _head_runs(
+    h: int, world: int, rank: int, segment_lengths, dilation_rates, offsets, head_groups: bool
+) -> list[tuple[range, tuple[int, ...], tuple[int, ...], list[list[int]]]]:
+    """This rank's heads as runs that one single-device call serves:
+    (global heads, segment_lengths, dilation_rates, explicit offsets[i][j'] for the run's heads)."""
+    local = range(rank * (h // world), (rank + 1) * (h // world))
+    users = head_groups_of(h, len(segment_lengths), head_groups)
+    per_pattern = [dict(zip(users[i], head_offsets(offsets, i, r, users[i]))) for i, r in enumerate(dilation_rates)]
+    if not head_groups:  # every head uses every pattern
+        return [(local, tuple(segment_lengths), tuple(dilation_rates),
+                 [[per_pattern[i][j] for j in local] for i in range(len(segment_lengths))])]
+    runs = []  # head groups: each head uses exactly one pattern
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        heads = range(max(users[i].start, local.start), min(users[i].stop, local.stop))
+        if len(heads):
+            runs.append((heads, (w,), (r,), [[per_pattern[i][j] for j in heads]]))
+    return runs
+
+
+def _validate(query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets,
+              head_groups, key_padding_mask, return_lse):
+    V.check_qkv(query, key, value)
+    segment_lengths, dilation_rates = V.check_patterns(segment_lengths, dilation_rates)
+    is_causal = V.check_bool("is_causal", is_causal)
+    head_groups = V.check_bool("head_groups", head_groups)
+    V.check_bool("return_lse", return_lse)
+    scale = V.check_scale("scale", scale)
+    dropout_p = V.check_dropout("dropout_p", dropout_p)
+    offsets = V.check_offsets(offsets, dilation_rates, query.shape[2], head_groups)
+    key_padding_mask = V.check_key_padding_mask(key_padding_mask, query)
+    return segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets, head_groups, key_padding_mask
+
+
+def head_parallel_dilated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    process_group: Any = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    offsets: OffsetRule = "paper",
+    head_groups: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    stats: Optional[CommStats] = None,
+    check_timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Shard in, shard out: this rank's ``(b, n_local, h, d)`` shard of the output of
+    :func:`~dilated_attention_pytorch.dilated_attention` on the whole sequence (forward and gradients).
+
+    Same arguments and contract as :func:`~dilated_attention_pytorch.parallel.ring_dilated_attention`;
+    needs ``h % world == 0``. Dropout is supported (each rank draws its own heads' masks). ``backend`` is
+    that of the single-device call on each rank's heads (default ``"auto"``: the fastest that applies).
+    """
+    group, rank, world = resolve_group(process_group, _WHAT)
+    if stats is not None and not isinstance(stats, CommStats):
+        raise TypeError(f"stats must be a CommStats or None, but got {type(stats).__name__}")
+    local_error: Optional[BaseException] = None
+    try:
+        (segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets, head_groups,
+         key_padding_mask) = _validate(query, key, value, segment_lengths, dilation_rates, is_causal, scale,
+                                       dropout_p, offsets, head_groups, key_padding_mask, return_lse)
+        V.check_backend(backend)
+        if query.shape[2] % world != 0:
+            raise ValueError(
+                f"head-parallel attention needs the number of query heads to be a multiple of the world size, "
+                f"but got heads={query.shape[2]} on world={world}; use ring_dilated_attention (RingDilatedAttention) "
+                "or a process group whose size divides the heads"
+            )
+    except (TypeError, ValueError) as err:  # reported to every rank below, then raised here
+        local_error = err
+    shape = tuple(query.shape) if isinstance(query, torch.Tensor) and query.dim() == 4 else (-1,) * 4
+    kv_heads = key.shape[2] if isinstance(key, torch.Tensor) and key.dim() == 4 else -1
+    fields = {
+        "batch": shape[0], "n_local (shard length)": shape[1], "heads": shape[2], "kv_heads": kv_heads,
+        "head_dim": shape[3], "dtype": dtype_code(getattr(query, "dtype", None)),
+        "is_causal": int(is_causal) if isinstance(is_causal, bool) else -1,
+        "scale": float_bits(scale) if local_error is None else -1,
+        "dropout_p": float_bits(dropout_p) if local_error is None else -1,
+        "patterns/offsets/head_groups": config_digest(segment_lengths, dilation_rates, offsets, head_groups),
+        "key_padding_mask given": int(key_padding_mask is not None),
+        "return_lse": int(return_lse) if isinstance(return_lse, bool) else -1,
+        "backend": config_digest(backend),
+    }
+    agree_or_raise(_WHAT, fields, local_error, group, collective_device(group, query), check_timeout_s)
+    if stats is not None:
+        stats.calls += 1
+    b, n_local, h, d = query.shape
+    h_kv = key.shape[2]
+    if h_kv % world != 0:  # documented GQA scheme: repeat key/value heads to h (exact, more bytes)
+        key = key.repeat_interleave(h // h_kv, dim=2)
+        value = value.repeat_interleave(h // h_kv, dim=2)
+        h_kv = h
+    q_h = _SeqToHeads.apply(query, group, world, stats)  # (b, n, h/P, d)
+    k_h = _SeqToHeads.apply(key, group, world, stats)  # (b, n, h_kv/P, d)
+    v_h = _SeqToHeads.apply(value, group, world, stats)
+    mask = None
+    if key_padding_mask is not None:
+        mine = key_padding_mask.to(torch.uint8).contiguous()  # gloo has no bool collectives
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=group)
+        mask = torch.cat(parts, 1).bool()  # (b, n)
+    qpk = h // h_kv
+    hp, kvp = h // world, h_kv // world
+    outs, lses = [], []
+    for heads, segs, dils, offs in _head_runs(h, world, rank, segment_lengths, dilation_rates, offsets, head_groups):
+        q_r = q_h[:, :, heads.start - rank * hp : heads.stop - rank * hp]
+        kv_idx = [j // qpk - rank * kvp for j in heads]
+        if heads.start % qpk == 0 and len(heads) % qpk == 0:  # whole key/value groups: keep GQA
+            kv_sl = slice(kv_idx[0], kv_idx[-1] + 1)
+            k_r, v_r = k_h[:, :, kv_sl], v_h[:, :, kv_sl]
+        else:  # a run that cuts a key/value group: one key/value head per query head
+            idx = torch.tensor(kv_idx, device=query.device)
+            k_r, v_r = k_h.index_select(2, idx), v_h.index_select(2, idx)
+        res = dilated_attention(
+            q_r, k_r, v_r, segs, dils, is_causal=is_causal, scale=scale, dropout_p=dropout_p, offsets=offs,
+            head_groups=False, key_padding_mask=mask, return_lse=return_lse, backend=backend,
+        )
+        out_r, lse_r = res if return_lse else (res, None)
+        outs.append(out_r)
+        lses.append(lse_r)
+    out_h = torch.cat(outs, 2) if len(outs) > 1 else outs[0]  # (b, n, h/P, d)
+    out = _HeadsToSeq.apply(out_h, group, world, stats)  # (b, n_local, h, d)
+    if not return_lse:
+        return out
+    lse_h = torch.cat(lses, 1) if len(lses) > 1 else lses[0]  # (b, h/P, n)
+    lse = _HeadsToSeq.apply(lse_h.transpose(1, 2).unsqueeze(-1).contiguous(), group, world, None)
+    return out, lse.squeeze(-1).transpose(1, 2)  # (b, h, n_local)
+
+
+class DistributedImprovedDilatedAttention(ImprovedDilatedAttention):
+    """Head-parallel :class:`ImprovedDilatedAttention` for multi-GPU / multi-node training: shard in,
+    shard out. Each rank runs the fastest single-device path on its heads of the whole sequence.
+
+    Needs ``num_heads % world == 0``; see :func:`head_parallel_dilated_attention`. ``.stats`` counts bytes.
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        softmax_scale: Optional[float] = None,
+        attention_dropout: float = 0.0,
+        *,
+        offsets: Union[str, Sequence[Sequence[int]]] = "paper",
+        head_groups: bool = False,
+        backend: Optional[str] = None,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(
+            segment_lengths, dilation_rates, softmax_scale, attention_dropout, offsets=offsets,
+            head_groups=head_groups, backend=backend,
+        )
+        self.process_group = process_group
+        self.stats = CommStats()
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        is_causal: bool = False,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        c = self.config
+        return head_parallel_dilated_attention(
+            query, key, value, c.segment_lengths, c.dilation_rates, process_group=self.process_group,
+            is_causal=is_causal, scale=c.softmax_scale, dropout_p=c.dropout if self.training else 0.0,
+            offsets=c.offsets, head_groups=c.head_groups, key_padding_mask=key_padding_mask, backend=c.backend,
+            stats=self.stats,
+        )
+
+
+class DistributedImprovedMultiheadDilatedAttention(ImprovedMultiheadDilatedAttention):
+    """:class:`ImprovedMultiheadDilatedAttention` (fused q/k/v projection) whose core is
+    :class:`DistributedImprovedDilatedAttention`; ``to_multihead()`` gives the single-device equivalent.
+
+    Input: this rank's shard ``(b, n_local, embed_dim)``; output: its shard of the result.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, process_group: Any = None, **kwargs: Any) -> None:
+        self._hp_process_group = process_group  # read by _make_attention during super().__init__
+        super().__init__(embed_dim, num_heads, **kwargs)
+
+    def _make_attention(self, *args: Any, **kwargs: Any) -> BaseDilatedAttention:
+        return DistributedImprovedDilatedAttention(*args, process_group=self._hp_process_group, **kwargs)
+
+    @property
+    def stats(self) -> CommStats:
+        return self.attention.stats

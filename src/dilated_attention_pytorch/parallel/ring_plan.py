@@ -1,0 +1,222 @@
+"""Which rows each rank computes locally and which dilated key/value rows move between ranks.
+
+Pure index math over :func:`~dilated_attention_pytorch.patterns.pattern_groups`: every rank derives the
+same plan from the same arguments, so sends and receives match without negotiation.
+
+Rank ``p`` of ``P`` holds positions ``[p·n_local, (p+1)·n_local)`` of a sequence of ``N = P·n_local``.
+For a pattern group (segment ``W = min(w, N)``, dilation ``r``, offset ``o``):
+
+- a segment inside one shard is computed on its owner with no communication (LongNet §3.1);
+- a segment that crosses a shard boundary ("spanning") involves only the ranks it touches: each of
+  them sends its dilated rows of that segment (``o + r·k``) to the others of the segment — or, when
+  causal, only to the later ones, since a query never sees a later key. A rank's own rows of a
+  spanning segment are computed locally (causal: its own lower triangle).
+
+Rows of the shard tiled by whole segments of every pattern (the core, a multiple of ``lcm(W_i)`` at
+both ends) see only keys of the core; the caller runs single-device attention on them, and the plan's
+own blocks cover the other rows only.
+
+A spanning segment touches at most ``ceil(W / n_local) + 1`` ranks and each rank at most two of them
+per pattern group, so the rows a rank sends do not grow with ``N`` for fixed ``w``/``r``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence, Union
+
+from ..patterns import OffsetRule, RowSpan, pattern_groups
+from ..engine import Block, _as_index
+
+__all__ = ["RemoteCall", "RingPlan", "Transfer", "ring_plan"]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Dilated rows of one pattern group in one spanning segment, sent from ``src`` to ``dst``."""
+
+    group: int  # index into pattern_groups(...)
+    segment: int
+    src: int
+    dst: int
+    src_rows: Block  # the rows on ``src``, in src-local positions (count 1, offset 0, dilation r)
+    kv_heads: tuple[int, ...]  # key/value heads sent (each once, ascending)
+    rows: int
+
+
+@dataclass(frozen=True)
+class RemoteCall:
+    """One kernel call on this rank: its query rows of one spanning segment against keys received."""
+
+    q_rows: Block  # local query rows, heads and (unused) kv heads
+    transfers: tuple[int, ...]  # indices into RingPlan.recvs' flattened transfer list
+    kv_select: tuple[int, ...]  # per query head of the call: index into the transfer's kv_heads
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    world: int
+    rank: int
+    n_local: int
+    n_total: int
+    local_only: bool  # no segment of any pattern crosses a shard boundary (same answer on every rank)
+    core: tuple[int, int]  # local rows [a, b) computed by single-device attention on them; a == b: none
+    own_blocks: tuple[Block, ...]  # query rows against this rank's own keys (local coordinates), off the core
+    sends: tuple[tuple[int, tuple[Transfer, ...]], ...]  # (peer, transfers), peers ascending
+    recvs: tuple[tuple[int, tuple[Transfer, ...]], ...]  # (peer, transfers), peers ascending
+    remote_calls: tuple[RemoteCall, ...]
+
+    @property
+    def recv_transfers(self) -> tuple[Transfer, ...]:
+        return tuple(t for _, ts in self.recvs for t in ts)
+
+    def rows_sent(self) -> int:
+        """Key rows × key/value heads this rank sends per forward (values: as many again)."""
+        return sum(t.rows * len(t.kv_heads) for _, ts in self.sends for t in ts)
+
+    def forward_bytes_sent(self, batch: int, head_dim: int, itemsize: int, with_mask: bool = False) -> int:
+        """Bytes this rank sends in one forward: keys and values (and key masks) of the rows it shares."""
+        per_row = 2 * head_dim * itemsize
+        total = 0
+        for _, ts in self.sends:
+            for t in ts:
+                total += batch * t.rows * (len(t.kv_heads) * per_row + (itemsize if with_mask else 0))
+        return total
+
+
+def _rows_of(start: int, stop: int, seg_start: int, offset: int, dilation: int) -> tuple[int, int]:
+    """Dilated indices ``k`` with ``seg_start + offset + dilation·k`` in ``[start, stop)``: -> (k_lo, k_hi)."""
+    first = start - seg_start - offset
+    last = stop - seg_start - offset
+    k_lo = max(0, -(-first // dilation))
+    k_hi = max(0, -(-last // dilation))
+    return k_lo, max(k_lo, k_hi)
+
+
+def _strided_block(start: int, count: int, dilation: int, heads, kv_heads) -> Block:
+    """``count`` rows ``start + dilation·k`` as a portable Block (one segment, offset 0)."""
+    return Block(RowSpan(start, 1, (count - 1) * dilation + 1, count), 0, dilation, heads, kv_heads)
+
+
+@lru_cache(maxsize=128)
+def _ring_plan(
+    world: int,
+    rank: int,
+    n_local: int,
+    num_heads: int,
+    num_kv_heads: int,
+    segment_lengths: tuple[int, ...],
+    dilation_rates: tuple[int, ...],
+    offsets: Union[str, tuple[tuple[int, ...], ...]],
+    head_groups: bool,
+    is_causal: bool,
+) -> RingPlan:
+    n = world * n_local
+    qpk = num_heads // num_kv_heads
+    groups = pattern_groups(n, num_heads, segment_lengths, dilation_rates, offsets, head_groups)
+    lo, hi = rank * n_local, (rank + 1) * n_local
+    # The core: the largest range [A, B) of this shard tiled by whole segments of every pattern
+    # (A, B multiples of lcm(W_i)). Its rows see only its keys, so single-device dilated_attention on
+    # it is exact; the plan's blocks cover the rest of the shard (the margins) only.
+    period = 1
+    for pg in groups:
+        period = period * pg.segment // math.gcd(period, pg.segment)
+    core_a, core_b = -(-lo // period) * period, (hi // period) * period
+    if core_b <= core_a:
+        core_a = core_b = lo
+    own: list[Block] = []
+    transfers: list[Transfer] = []  # every transfer of every rank, in one canonical order
+    spanning_mine: list[tuple[int, int, Block]] = []  # (group, segment, my query rows)
+    local_only = True
+    for gi, pg in enumerate(groups):
+        W, r, o = pg.segment, pg.dilation, pg.offset
+        heads = _as_index(pg.heads)
+        kv_of_head = [j // qpk for j in pg.heads]
+        kv_heads = tuple(sorted(set(kv_of_head)))
+        kv_index = _as_index(kv_of_head)
+        # Segments crossing a shard boundary, each once.
+        spanning = sorted({(p * n_local) // W for p in range(1, world) if (p * n_local) % W != 0})
+        local_only = local_only and not spanning
+        for s in spanning:
+            ss, se = s * W, min((s + 1) * W, n)
+            ranks = range(ss // n_local, (se - 1) // n_local + 1)
+            rows = {q: _rows_of(max(ss, q * n_local), min(se, (q + 1) * n_local), ss, o, r) for q in ranks}
+            for dst in ranks:
+                if rows[dst][1] == rows[dst][0]:
+                    continue
+                for src in ranks:
+                    if src == dst or (is_causal and src > dst) or rows[src][1] == rows[src][0]:
+                        continue
+                    k_lo, k_hi = rows[src]
+                    start = ss + o + r * k_lo - src * n_local
+                    transfers.append(Transfer(
+                        gi, s, src, dst, _strided_block(start, k_hi - k_lo, r, heads, kv_index), kv_heads,
+                        k_hi - k_lo,
+                    ))
+            if rank in rows and rows[rank][1] > rows[rank][0]:
+                k_lo, k_hi = rows[rank]
+                mine = _strided_block(ss + o + r * k_lo - lo, k_hi - k_lo, r, heads, kv_index)
+                own.append(mine)
+                spanning_mine.append((gi, s, mine))
+        # Segments wholly inside this shard: full-length ones as one span, the short last one apart.
+        first = -(-lo // W)  # first segment starting at or after lo
+        full_end = min(hi, (n // W) * W)  # full segments end by here
+        count = max(0, (full_end - first * W) // W)
+        rows_full = len(range(o, W, r))
+        # Full segments [first, first + count) minus those in the core: at most two runs.
+        core_first, core_end = core_a // W, core_b // W
+        runs = [(first, min(first + count, core_first)), (max(first, core_end), first + count)]
+        if core_b == core_a:
+            runs = [(first, first + count)]
+        for s0, s1 in runs:
+            if s1 > s0 and rows_full:
+                own.append(Block(RowSpan(s0 * W - lo, s1 - s0, W, rows_full), o, r, heads, kv_index))
+        tail_start = (n // W) * W
+        if tail_start < n and lo <= tail_start and n <= hi:
+            rows_tail = len(range(o, n - tail_start, r))
+            if rows_tail:
+                own.append(Block(RowSpan(tail_start - lo, 1, n - tail_start, rows_tail), o, r, heads, kv_index))
+
+    sends = _by_peer([t for t in transfers if t.src == rank], lambda t: t.dst)
+    recvs = _by_peer([t for t in transfers if t.dst == rank], lambda t: t.src)
+    flat = [t for _, ts in recvs for t in ts]
+    calls = []
+    for gi, s, mine in spanning_mine:
+        idx = tuple(i for i, t in enumerate(flat) if t.group == gi and t.segment == s)
+        if not idx:
+            continue
+        pg = groups[gi]
+        kv_heads = flat[idx[0]].kv_heads
+        kv_select = tuple(kv_heads.index(j // qpk) for j in pg.heads)
+        calls.append(RemoteCall(mine, idx, kv_select))
+    core = (core_a - lo, core_b - lo)
+    return RingPlan(world, rank, n_local, n, local_only, core, tuple(own), sends, recvs, tuple(calls))
+
+
+def _by_peer(transfers: list[Transfer], peer_of) -> tuple[tuple[int, tuple[Transfer, ...]], ...]:
+    peers: dict[int, list[Transfer]] = {}
+    for t in transfers:
+        peers.setdefault(peer_of(t), []).append(t)
+    return tuple((p, tuple(peers[p])) for p in sorted(peers))
+
+
+def ring_plan(
+    world: int,
+    rank: int,
+    n_local: int,
+    num_heads: int,
+    num_kv_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    offsets: OffsetRule = "paper",
+    head_groups: bool = False,
+    is_causal: bool = False,
+) -> RingPlan:
+    """The plan of rank ``rank`` (cached, bounded LRU). Arguments are assumed validated."""
+    key = offsets if isinstance(offsets, str) else tuple(tuple(int(o) for o in row) for row in offsets)
+    return _ring_plan(
+        world, rank, n_local, num_heads, num_kv_heads, tuple(segment_lengths), tuple(dilation_rates), key,
+        bool(head_groups), bool(is_causal),
+    )
