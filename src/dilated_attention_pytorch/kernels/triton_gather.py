@@ -52,15 +52,15 @@ def _kernel():
             mx = tl.full([BLOCK_T], float("-inf"), tl.float32)
             total = tl.zeros([BLOCK_T], dtype=tl.float32)
             for i in range(num_patterns):
-                seg_len = tl.load(pat_tab + 3 * i)
-                r = tl.load(pat_tab + 3 * i + 1)
-                full = tl.load(pat_tab + 3 * i + 2)
+                seg_len = tl.load(pat_tab + 3 * i).to(tl.int32)
+                r = tl.load(pat_tab + 3 * i + 1).to(tl.int32)
+                full = tl.load(pat_tab + 3 * i + 2).to(tl.int32)
                 hrow = head_tab + 4 * (i * num_heads + jt)
-                off, hpos = tl.load(hrow), tl.load(hrow + 1)
+                off, hpos = tl.load(hrow).to(tl.int32), tl.load(hrow + 1).to(tl.int32)
                 seg = t // seg_len
                 within = t - seg * seg_len
                 in_full = seg < full
-                bid = tl.where(in_full, tl.load(hrow + 2), tl.load(hrow + 3))
+                bid = tl.where(in_full, tl.load(hrow + 2), tl.load(hrow + 3)).to(tl.int32)  # 32-bit index math
                 ok = t_ok & (within % r == off) & (bid >= 0)
                 row_b = tl.where(in_full, bb * full + seg, bb).to(tl.int64)
                 base = tl.load(lse_tab + bid, mask=ok, other=0).to(tl.pointer_type(tl.float32))
@@ -80,15 +80,15 @@ def _kernel():
         for g in tl.static_range(GROUP):  # pass 2: the (weighted) sum of the covering rows
             j = jt * GROUP + g
             for i in range(num_patterns):
-                seg_len = tl.load(pat_tab + 3 * i)
-                r = tl.load(pat_tab + 3 * i + 1)
-                full = tl.load(pat_tab + 3 * i + 2)
+                seg_len = tl.load(pat_tab + 3 * i).to(tl.int32)
+                r = tl.load(pat_tab + 3 * i + 1).to(tl.int32)
+                full = tl.load(pat_tab + 3 * i + 2).to(tl.int32)
                 hrow = head_tab + 4 * (i * num_heads + j)
-                off, hpos = tl.load(hrow), tl.load(hrow + 1)
+                off, hpos = tl.load(hrow).to(tl.int32), tl.load(hrow + 1).to(tl.int32)
                 seg = t // seg_len
                 within = t - seg * seg_len
                 in_full = seg < full
-                bid = tl.where(in_full, tl.load(hrow + 2), tl.load(hrow + 3))
+                bid = tl.where(in_full, tl.load(hrow + 2), tl.load(hrow + 3)).to(tl.int32)  # 32-bit index math
                 ok = t_ok & (within % r == off) & (bid >= 0)
                 row_b = tl.where(in_full, bb * full + seg, bb).to(tl.int64)
                 row_k = (within // r).to(tl.int64)
