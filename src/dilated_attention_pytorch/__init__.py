@@ -12,8 +12,15 @@ from .block_sparse import (
     block_sparse_attention,
 )
 from .config import DilatedAttentionConfig
+from .factory import (
+    create_block_sparse_attention,
+    create_dilated_attention,
+    create_multihead_dilated_attention,
+    explain_auto,
+)
 from .functional import dilated_attention
 from .improved import ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention
+from .models import LongNet, LongNetConfig, LongNetLM, LongNetLMConfig
 from .multihead import BaseMultiheadDilatedAttention, MultiheadDilatedAttention
 from .parallel import (
     CommStats,
@@ -39,12 +46,20 @@ __all__ = [
     "DistributedImprovedMultiheadDilatedAttention",
     "ImprovedDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
+    "LongNet",
+    "LongNetConfig",
+    "LongNetLM",
+    "LongNetLMConfig",
     "MultiheadDilatedAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
     "SparsePatternConfig",
     "block_sparse_attention",
+    "create_block_sparse_attention",
+    "create_dilated_attention",
+    "create_multihead_dilated_attention",
     "dilated_attention",
+    "explain_auto",
     "explain_backend",
     "head_parallel_dilated_attention",
     "ring_dilated_attention",

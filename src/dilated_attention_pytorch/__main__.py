@@ -1,4 +1,4 @@
-"""Command line: ``python -m dilated_attention_pytorch {bench,demo,...} [options]``."""
+"""Command line: ``python -m dilated_attention_pytorch {bench,demo,generate,info,train} [options]``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import sys
 COMMANDS = {
     "bench": "dilated_attention_pytorch.bench.cli",
     "demo": "dilated_attention_pytorch.demo",
+    "generate": "dilated_attention_pytorch.training.generate",
+    "info": "dilated_attention_pytorch.info",
+    "train": "dilated_attention_pytorch.training.train",
 }
 
 

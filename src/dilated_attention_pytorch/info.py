@@ -1,0 +1,106 @@
+"""``python -m dilated_attention_pytorch info``: every backend and attention family, available here or not, and why."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["BackendStatus", "collect", "main"]
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    section: str
+    name: str
+    available: bool
+    detail: str
+
+
+def _kernels() -> list[BackendStatus]:
+    from .kernels import FUSED_KERNELS, KERNELS, BlockInputs, kernel_reasons
+
+    probes = [("cpu", torch.float32, "cpu float32"), ("cpu", torch.bfloat16, "cpu bfloat16")]
+    if torch.cuda.is_available():
+        probes += [("cuda", torch.bfloat16, "cuda bfloat16"), ("cuda", torch.float32, "cuda float32")]
+    else:
+        probes += [("cuda", torch.bfloat16, "cuda bfloat16 (no GPU here)")]
+    rows = []
+    for device_type, dtype, label in probes:
+        inputs = BlockInputs(device_type, dtype, 64, False, False, False)
+        for name, reasons in kernel_reasons(inputs, FUSED_KERNELS + KERNELS).items():
+            usable = not reasons and (device_type != "cuda" or torch.cuda.is_available())
+            detail = "; ".join(reasons) if reasons else ("supported" if usable else "supported, but no CUDA GPU here")
+            rows.append(BackendStatus(f"block kernels, {label}, head_dim 64", name, usable, detail))
+    return rows
+
+
+def _runtime() -> list[BackendStatus]:
+    import torch.distributed as dist
+
+    rows = []
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        rows.append(BackendStatus("runtime", "cuda", True, f"{torch.cuda.device_count()} GPU(s): {names}; "
+                                                           f"CUDA {torch.version.cuda}"))
+    else:
+        why = "torch built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
+        rows.append(BackendStatus("runtime", "cuda", False, why))
+    triton = importlib.util.find_spec("triton") is not None
+    rows.append(BackendStatus("runtime", "triton", triton, "importable" if triton else
+                              "not installed (pip install 'dilated-attention-pytorch[triton]')"))
+    if not dist.is_available():
+        rows.append(BackendStatus("runtime", "torch.distributed", False, "torch built without distributed support"))
+    else:
+        state = "initialised, world size %d" % dist.get_world_size() if dist.is_initialized() else "no process group"
+        rows.append(BackendStatus("runtime", "torch.distributed", True, state))
+        rows.append(BackendStatus("runtime", "gloo", dist.is_gloo_available(), "CPU process groups"
+                                  if dist.is_gloo_available() else "not built into torch"))
+        nccl = dist.is_nccl_available()
+        rows.append(BackendStatus("runtime", "nccl", nccl and torch.cuda.is_available(),
+                                  "GPU process groups" if nccl and torch.cuda.is_available()
+                                  else ("built, but no CUDA GPU here" if nccl else "not built into torch")))
+    for pkg, extra in (("transformers", "hf"), ("tqdm", "bench"), ("matplotlib", "bench")):
+        found = importlib.util.find_spec(pkg) is not None
+        why = "installed" if found else f"not installed (pip install 'dilated-attention-pytorch[{extra}]')"
+        rows.append(BackendStatus("optional packages", pkg, found, why))
+    return rows
+
+
+def _families() -> list[BackendStatus]:
+    from .factory import explain_auto, route_status
+
+    section = "attention families (factory)"
+    rows = [BackendStatus(section, name, ok, detail) for name, (ok, detail) in route_status().items()]
+    rows.append(BackendStatus(section, "auto", True, str(explain_auto())))
+    return rows
+
+
+def collect() -> list[BackendStatus]:
+    return _runtime() + _kernels() + _families()
+
+
+def main(argv: Optional[list[str]] = None) -> list[BackendStatus]:
+    parser = argparse.ArgumentParser(prog="python -m dilated_attention_pytorch info", description=__doc__)
+    parser.parse_args(argv)
+    from . import __version__
+
+    print(f"dilated-attention-pytorch {__version__}, torch {torch.__version__}, python {platform.python_version()} "
+          f"on {sys.platform}")
+    rows = collect()
+    section = None
+    for row in rows:
+        if row.section != section:
+            section = row.section
+            print(f"\n{section}")
+        print(f"  {'yes' if row.available else 'no ':<4}{row.name:<20}{row.detail}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

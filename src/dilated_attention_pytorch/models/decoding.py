@@ -1,0 +1,217 @@
+"""Key/value cache for incremental causal dilated attention, exact and bounded.
+
+Causal dilated attention is prefix-consistent: query ``t`` of head ``j`` sees, through pattern ``i``, the
+keys ``u <= t`` of its own ``w_i``-segment whose phase ``(u mod w_i) mod r_i`` equals ``o_i(j)`` — and it
+sees them only when its own phase is ``o_i(j)`` too. (``W_i = min(w_i, n)`` changes nothing for causal rows:
+while ``n <= w_i`` every position lies in the first segment either way.) So for every (pattern, offset)
+pair in use the cache keeps one buffer: the keys of the *current* segment with that phase, at most
+``len(range(o, w_i, r_i)) <= ceil(w_i / r_i)`` of them, emptied when a new segment begins. Per query
+head the cache holds at most ``Σ_i ceil(w_i / r_i)`` keys however long the history is (LongNet's
+geometric configs keep ``w_i / r_i`` small, so this is well below the largest segment).
+
+A step merges, per head, the log-sum-exp partial results of the patterns whose phase matches with
+:func:`~dilated_attention_pytorch.merge.merge_partials` — the same combination the full pass uses,
+so step ``t``'s output equals row ``t`` of the full causal forward pass (to rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..kernels import BlockInputs, acc_dtype, choose_kernel
+from ..merge import merge_partials
+from ..patterns import OffsetRule, pattern_groups
+
+__all__ = ["DecodingState", "DilatedKVCache"]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One (pattern, offset) pair in use: its query heads, and the key/value heads it must keep."""
+
+    segment: int  # w_i
+    dilation: int  # r_i
+    offset: int  # o
+    heads: Union[slice, torch.Tensor]  # query heads, as a slice when contiguous
+    kv_heads: tuple[int, ...]  # distinct key/value heads those query heads use (buffer order)
+    kv_map: Optional[torch.Tensor]  # buffer kv index per query head; None when it is the identity
+    capacity: int  # len(range(offset, segment, dilation))
+
+
+def _index(heads: Sequence[int], device) -> Union[slice, torch.Tensor]:
+    if list(heads) == list(range(heads[0], heads[0] + len(heads))):
+        return slice(heads[0], heads[0] + len(heads))
+    return torch.tensor(heads, device=device)
+
+
+class DilatedKVCache:
+    """Cache of one causal dilated self-attention layer for ``batch_size`` sequences decoded in step.
+
+    Use: :meth:`fill` after a full causal pass over a prompt at positions ``0..n-1`` (or start empty),
+    then :meth:`attend` for the next tokens. Keys and values are stored as the attention sees them
+    (after rotary/XPOS). Buffers are allocated once at their final size.
+    """
+
+    def __init__(
+        self,
+        *,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        offsets: OffsetRule,
+        head_groups: bool,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: Optional[float],
+        batch_size: int,
+        device: Union[str, torch.device, None] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.batch_size, self.dtype = batch_size, dtype
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.scale = head_dim**-0.5 if scale is None else float(scale)
+        self.position = 0  # absolute position of the next token
+        group = num_heads // num_kv_heads
+        longest = max(segment_lengths)  # W_i = min(w_i, longest) = w_i
+        self._slots: list[_Slot] = []
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._lengths: list[int] = []
+        for pg in pattern_groups(longest, num_heads, segment_lengths, dilation_rates, offsets, head_groups):
+            kv_of_head = [j // group for j in pg.heads]
+            kv_heads = tuple(sorted(set(kv_of_head)))
+            kv_map = [kv_heads.index(c) for c in kv_of_head]
+            capacity = len(range(pg.offset, pg.segment, pg.dilation))
+            self._slots.append(_Slot(
+                pg.segment, pg.dilation, pg.offset, _index(pg.heads, self.device), kv_heads,
+                None if kv_map == list(range(len(kv_heads))) else torch.tensor(kv_map, device=self.device),
+                capacity,
+            ))
+            shape = (batch_size, len(kv_heads), capacity, head_dim)
+            self._keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            self._values.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            self._lengths.append(0)
+        self._kernel = choose_kernel(BlockInputs(self.device.type, dtype, head_dim, False, False, False))
+
+    # -- size -------------------------------------------------------------------------------------
+    @property
+    def capacity_per_head(self) -> int:
+        """Most keys any one query head can ever see through the cache (over all its patterns)."""
+        per_head = [0] * self.num_heads
+        for slot in self._slots:
+            for j in range(self.num_heads)[slot.heads] if isinstance(slot.heads, slice) else slot.heads.tolist():
+                per_head[j] += slot.capacity
+        return max(per_head)
+
+    def numel(self) -> int:
+        """Elements held by the key and value buffers (fixed at construction)."""
+        return sum(k.numel() + v.numel() for k, v in zip(self._keys, self._values))
+
+    def stored_keys(self) -> int:
+        """Keys currently held, summed over buffers and key/value heads (one sequence)."""
+        return sum(n * len(s.kv_heads) for n, s in zip(self._lengths, self._slots))
+
+    # -- writing ----------------------------------------------------------------------------------
+    def _check(self, name: str, x: torch.Tensor, heads: int) -> None:
+        expected = (self.batch_size, heads, self.head_dim)
+        if x.dim() != 4 or (x.shape[0], x.shape[2], x.shape[3]) != expected:
+            raise ValueError(
+                f"{name} must have shape (batch={self.batch_size}, seq, heads={heads}, head_dim={self.head_dim}), "
+                f"but got {tuple(x.shape)}"
+            )
+
+    def fill(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Take the keys/values ``(b, n, h_kv, d)`` of positions ``0..n-1`` (a prompt's full pass)."""
+        if self.position != 0:
+            raise ValueError(f"fill() needs an empty cache, but the cache is at position {self.position}")
+        self._check("key", key, self.num_kv_heads)
+        self._check("value", value, self.num_kv_heads)
+        n = key.shape[1]
+        for idx, slot in enumerate(self._slots):
+            start = n - n % slot.segment + slot.offset  # current segment of the *next* position n
+            kv = list(slot.kv_heads)
+            rows_k = key[:, start:n:slot.dilation][:, :, kv].transpose(1, 2)  # (b, kv, m, d)
+            rows_v = value[:, start:n:slot.dilation][:, :, kv].transpose(1, 2)
+            m = rows_k.shape[2]
+            self._keys[idx][:, :, :m] = rows_k
+            self._values[idx][:, :, :m] = rows_v
+            self._lengths[idx] = m
+        self.position = n
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Next ``m`` tokens: query ``(b, m, h, d)``, key/value ``(b, m, h_kv, d)`` -> out ``(b, m, h, d)``."""
+        self._check("query", query, self.num_heads)
+        self._check("key", key, self.num_kv_heads)
+        self._check("value", value, self.num_kv_heads)
+        if not (query.shape[1] == key.shape[1] == value.shape[1]):
+            raise ValueError(f"query, key and value must have one length, got {query.shape[1]}, {key.shape[1]}")
+        outs = [self._step(query[:, i], key[:, i], value[:, i]) for i in range(query.shape[1])]
+        return torch.stack(outs, dim=1)
+
+    def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token at ``self.position``: q ``(b, h, d)``, k/v ``(b, h_kv, d)`` -> ``(b, h, d)``."""
+        t = self.position
+        b, h, d = q.shape
+        out_dtype = q.dtype  # e.g. bfloat16 under autocast; the cache computes in its own dtype
+        q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
+        acc = acc_dtype(self.dtype)
+        out = torch.zeros(b, h, d, dtype=acc, device=q.device)
+        lse = torch.full((b, h), float("-inf"), dtype=acc, device=q.device)
+        for idx, slot in enumerate(self._slots):
+            rel = t % slot.segment
+            if rel == 0:
+                self._lengths[idx] = 0  # a new segment: nothing before it is visible any more
+            if rel % slot.dilation != slot.offset:
+                continue  # this pattern's heads of this offset see nothing at t
+            m = self._lengths[idx]
+            kv = list(slot.kv_heads)
+            self._keys[idx][:, :, m] = k[:, kv]
+            self._values[idx][:, :, m] = v[:, kv]
+            self._lengths[idx] = m + 1
+            keys, values = self._keys[idx][:, :, : m + 1], self._values[idx][:, :, : m + 1]  # (b, kv, L, d)
+            if slot.kv_map is not None:
+                keys, values = keys.index_select(1, slot.kv_map), values.index_select(1, slot.kv_map)
+            q_slot = q[:, slot.heads].unsqueeze(2)  # (b, H_g, 1, d)
+            out_g, lse_g, _ = self._kernel.forward(
+                q_slot, keys, values, key_valid=None, is_causal=False, scale=self.scale, dropout_p=0.0
+            )
+            merged_out, merged_lse = merge_partials(
+                out[:, slot.heads], lse[:, slot.heads], out_g[:, :, 0].to(acc), lse_g[:, :, 0].to(acc)
+            )
+            out[:, slot.heads] = merged_out
+            lse[:, slot.heads] = merged_lse
+        self.position = t + 1
+        return out.to(out_dtype)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (e.g. after dropping finished sequences or for beam search)."""
+        self._keys = [k.index_select(0, index) for k in self._keys]
+        self._values = [v.index_select(0, index) for v in self._values]
+        self.batch_size = int(index.numel())
+
+
+class DecodingState:
+    """Everything a model keeps between decoding steps: one :class:`DilatedKVCache` per self-attention layer
+    and, for an encoder-decoder, the encoder memory's projected keys/values per cross-attention layer."""
+
+    def __init__(
+        self,
+        layers: list[DilatedKVCache],
+        memory_kv: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
+        memory_padding_mask: Optional[torch.Tensor] = None,
+    ) -> None:
+        self.layers, self.memory_kv, self.memory_padding_mask = layers, memory_kv, memory_padding_mask
+
+    @property
+    def position(self) -> int:
+        return self.layers[0].position
+
+    def numel(self) -> int:
+        """Elements held by the self-attention caches (bounded, fixed at construction)."""
+        return sum(cache.numel() for cache in self.layers)

@@ -1,0 +1,252 @@
+"""MAGNETO building blocks of LongNet: dilated self-attention with positions and a decoding cache,
+dense cross-attention, feed-forward, and the pre-LN residual block that holds them.
+
+MAGNETO (Wang et al. 2022, "Foundation Transformers"): every sublayer is ``x + f(LN(x))`` and ``f``
+has a second LayerNorm (sub-LN) right before its output projection; the value/output projections and
+both feed-forward matrices are initialised with gain ``γ``, which depends on the depth
+(:func:`magneto_gamma`), q/k projections with gain 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import BaseDilatedAttention
+from ..multihead import BaseMultiheadDilatedAttention
+from .decoding import DilatedKVCache
+from .positions import RotaryEmbedding
+
+__all__ = ["CrossAttention", "DilatedSelfAttention", "FeedForward", "LongNetBlock", "magneto_gamma"]
+
+DECODABLE_TYPES = ("standard", "improved")  # the attention types whose full pass is exactly SPEC §1
+
+
+def magneto_gamma(role: str, *, encoder_layers: int = 0, decoder_layers: int = 0) -> float:
+    """MAGNETO's init gain: decoder-only ``sqrt(log 2N)``; encoder-decoder encoder
+    ``sqrt(log(3N_d)·log(2N_e)/3)`` and decoder ``sqrt(log 3N_d)``; encoder-only ``sqrt(log 2N)``."""
+    if role == "decoder_only":
+        return math.sqrt(math.log(2 * decoder_layers))
+    if role == "encoder_only":
+        return math.sqrt(math.log(2 * encoder_layers))
+    if role == "encoder":
+        return math.sqrt(math.log(3 * decoder_layers) * math.log(2 * encoder_layers) / 3)
+    if role == "decoder":
+        return math.sqrt(math.log(3 * decoder_layers))
+    raise ValueError(f"role must be 'decoder_only', 'encoder_only', 'encoder' or 'decoder', but got {role!r}")
+
+
+class DilatedSelfAttention(BaseMultiheadDilatedAttention):
+    """Multi-head dilated self-attention with rotary/XPOS positions and an optional :class:`DilatedKVCache`.
+
+    The attention core comes from the factory (``attention_type``), so a model can run on any
+    single-device implementation with the standard constructor.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        positions: Optional[str] = "rotary",
+        attention_type: str = "standard",
+        **kwargs,
+    ) -> None:
+        object.__setattr__(self, "_attention_type", attention_type)
+        super().__init__(embed_dim, num_heads, segment_lengths=segment_lengths, dilation_rates=dilation_rates, **kwargs)
+        self.rotary = None if positions is None else RotaryEmbedding(self.head_dim, kind=positions)
+
+    def _make_attention(self, *args, **kwargs) -> BaseDilatedAttention:
+        from ..factory import create_dilated_attention, explain_auto
+
+        kind = self._attention_type
+        if kind == "auto":  # whole sequences: never a sequence-parallel type
+            kind = explain_auto(single_device=True).attention_type
+        object.__setattr__(self, "attention_type", kind)
+        attention = create_dilated_attention(kind, *args, **kwargs)
+        if not isinstance(attention, BaseDilatedAttention):
+            raise TypeError(
+                f"attention_type={self._attention_type!r} built {type(attention).__name__}, which is not a "
+                "BaseDilatedAttention; LongNet layers need a single-device module with a config"
+            )
+        return attention
+
+    def new_cache(self, batch_size: int, device=None, dtype=torch.float32) -> DilatedKVCache:
+        if self.attention_type not in DECODABLE_TYPES:
+            raise ValueError(
+                f"incremental decoding computes dilated attention (types {DECODABLE_TYPES}); this layer uses "
+                f"attention_type={self.attention_type!r}, whose full pass is another function"
+            )
+        c = self.attention.config
+        return DilatedKVCache(
+            segment_lengths=c.segment_lengths, dilation_rates=c.dilation_rates, offsets=c.offsets,
+            head_groups=c.head_groups, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, scale=c.softmax_scale, batch_size=batch_size, device=device, dtype=dtype,
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        *,
+        is_causal: bool = True,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        cache: Optional[DilatedKVCache] = None,
+    ) -> torch.Tensor:
+        """x ``(b, n, embed_dim)`` -> ``(b, n, embed_dim)``. With ``cache``: causal, continues at ``cache.position``."""
+        b, n, _ = x.shape
+        q, k, v = self._project(x, x, x)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (b, n, h, d)
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # (b, n, h_kv, d)
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        start = 0 if cache is None else cache.position
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, start)
+        if cache is None:
+            out = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)  # (b, n, h, d)
+        else:
+            if not is_causal or key_padding_mask is not None:
+                raise ValueError("a decoding cache needs is_causal=True and key_padding_mask=None")
+            if cache.position == 0 and n > 1:  # a prompt: one full causal pass, then keep what later steps see
+                out = self.attention(q, k, v, is_causal=True)
+                cache.fill(k, v)
+            else:
+                out = cache.attend(q, k, v)
+        out = out.flatten(2)  # (b, n, embed_dim)
+        if self.norm is not None:
+            out = self.norm(out)
+        return self.out_proj(out)
+
+
+class CrossAttention(nn.Module):
+    """Dense multi-head cross-attention (decoder queries, encoder memory of another length), MAGNETO layout."""
+
+    def __init__(
+        self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, gamma_init: float = 1.0,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.dropout, self.gamma_init = dropout, gamma_init
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init),
+                           (self.out_proj, self.gamma_init)):
+            nn.init.xavier_normal_(proj.weight, gain=gain)
+            nn.init.zeros_(proj.bias)
+        self.norm.reset_parameters()
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory ``(b, s, e)`` -> k, v ``(b, h, s, d)`` (computed once per sequence when decoding)."""
+        k = self.k_proj(memory).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(memory).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        memory_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (b, h, n, d)
+        k, v = memory_kv  # (b, h, s, d)
+        mask = None if memory_padding_mask is None else ~memory_padding_mask[:, None, None, :]  # True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = self.norm(out.transpose(1, 2).flatten(2))  # (b, n, e)
+        return self.out_proj(out)
+
+
+class FeedForward(nn.Module):
+    """``fc2(subLN(gelu(fc1(x))))`` with MAGNETO init (xavier-normal, gain ``γ``)."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, *, dropout: float = 0.0, gamma_init: float = 1.0,
+                 layer_norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma_init = gamma_init
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.norm = nn.LayerNorm(ffn_dim, eps=layer_norm_eps)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_normal_(fc.weight, gain=self.gamma_init)
+            nn.init.zeros_(fc.bias)
+        self.norm.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.dropout(F.gelu(self.fc1(x)))))
+
+
+class LongNetBlock(nn.Module):
+    """Pre-LN residual block: dilated self-attention, optional cross-attention, feed-forward."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        ffn_dim: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        gamma: float,
+        cross_attention: bool = False,
+        num_kv_heads: Optional[int] = None,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        offsets: Union[str, Sequence[Sequence[int]]] = "paper",
+        head_groups: bool = False,
+        positions: Optional[str] = "rotary",
+        attention_type: str = "standard",
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
+        self.self_attn = DilatedSelfAttention(
+            embed_dim, num_heads, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
+            positions=positions, attention_type=attention_type, dropout=attention_dropout,
+            layer_norm_eps=layer_norm_eps, gamma_init=gamma, num_kv_heads=num_kv_heads, offsets=offsets,
+            head_groups=head_groups,
+        )
+        if cross_attention:
+            self.cross_attn_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
+            self.cross_attn = CrossAttention(
+                embed_dim, num_heads, dropout=attention_dropout, gamma_init=gamma, layer_norm_eps=layer_norm_eps
+            )
+        else:
+            self.cross_attn_norm, self.cross_attn = None, None
+        self.ffn_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
+        self.ffn = FeedForward(embed_dim, ffn_dim, dropout=dropout, gamma_init=gamma, layer_norm_eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        is_causal: bool,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        cache: Optional[DilatedKVCache] = None,
+        memory_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        memory_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        h = self.self_attn(self.self_attn_norm(x), is_causal=is_causal, key_padding_mask=key_padding_mask, cache=cache)
+        x = x + self.dropout(h)
+        if self.cross_attn is not None:
+            if memory_kv is None:
+                raise ValueError("this block has cross-attention: pass memory_kv (see CrossAttention.memory_kv)")
+            x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), memory_kv, memory_padding_mask))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))

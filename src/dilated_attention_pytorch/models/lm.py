@@ -1,0 +1,120 @@
+"""``LongNetLM``: decoder-only LongNet language model (MAGNETO, rotary/XPOS) with exact incremental decoding."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import _validation as V
+from .config import LongNetLMConfig
+from .decoding import DecodingState
+from .layers import LongNetBlock, magneto_gamma
+from .sampling import decode_loop
+
+__all__ = ["LongNetLM", "LongNetLMConfig", "check_token_ids"]
+
+
+def check_token_ids(name: str, ids, vocab_size: int) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+        desc = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be an int64 tensor of shape (batch, seq), but got {desc}")
+    if ids.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one token, but got shape {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{name} must lie in [0, vocab_size={vocab_size}), but got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    return ids.long()
+
+
+class LongNetLM(nn.Module):
+    """Token embedding -> ``num_layers`` causal :class:`LongNetBlock` -> LayerNorm -> logits.
+
+    ``forward(input_ids (b, n), state=None) -> logits (b, n, vocab)``. With a :class:`DecodingState`
+    (:meth:`new_state`) the tokens continue the cached sequence; :meth:`generate` samples.
+    """
+
+    def __init__(self, config: Optional[LongNetLMConfig] = None, **overrides) -> None:
+        super().__init__()
+        if config is None:
+            config = LongNetLMConfig(**overrides)
+        elif overrides:
+            raise TypeError(f"pass either a config or keyword overrides, not both (got {sorted(overrides)})")
+        if not isinstance(config, LongNetLMConfig):
+            raise TypeError(f"config must be a LongNetLMConfig, but got {type(config).__name__}")
+        self.config = c = config
+        self.gamma = magneto_gamma("decoder_only", decoder_layers=c.num_layers)
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.dropout = nn.Dropout(c.dropout)
+        self.layers = nn.ModuleList(
+            LongNetBlock(
+                c.embed_dim, c.num_heads, ffn_dim=c.ffn_size, segment_lengths=c.segment_lengths,
+                dilation_rates=c.dilation_rates, gamma=self.gamma, num_kv_heads=c.num_kv_heads, dropout=c.dropout,
+                attention_dropout=c.attention_dropout, offsets=c.offsets, head_groups=c.head_groups,
+                positions=c.positions, attention_type=c.attention_type, layer_norm_eps=c.layer_norm_eps,
+            )
+            for _ in range(c.num_layers)
+        )
+        self.norm = nn.LayerNorm(c.embed_dim, eps=c.layer_norm_eps)
+        self.head = None if c.tie_embeddings else nn.Linear(c.embed_dim, c.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=c.embed_dim**-0.5)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=c.embed_dim**-0.5)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_state(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None) -> DecodingState:
+        """An empty decoding state for ``batch_size`` sequences (device/dtype default to the model's)."""
+        V.check_int("batch_size", batch_size)
+        p = self.embed.weight
+        return DecodingState([
+            layer.self_attn.new_cache(batch_size, device or p.device, dtype or p.dtype) for layer in self.layers
+        ])
+
+    def forward(self, input_ids: torch.Tensor, state: Optional[DecodingState] = None) -> torch.Tensor:
+        """input_ids ``(b, n)`` -> logits ``(b, n, vocab)`` (float32 or the model dtype)."""
+        x = self.dropout(self.embed(input_ids))  # (b, n, e)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, is_causal=True, cache=None if state is None else state.layers[i])
+        x = self.norm(x)
+        return self.head(x) if self.head is not None else x @ self.embed.weight.t()  # (b, n, vocab)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        stop_token: Optional[int] = None,
+        pad_token: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Continue every prompt of ``input_ids (b, n)`` (one length, batched) with the decoding cache.
+
+        ``temperature=0`` is greedy. A sequence stops at ``stop_token`` (kept); later positions hold
+        ``pad_token`` (default ``stop_token``). Returns ``(b, n + m)``, ``m <= max_new_tokens``. Runs in
+        eval mode (dropout off) and restores the training flag.
+        """
+        ids = check_token_ids("input_ids", input_ids, self.config.vocab_size)
+        V.check_int("max_new_tokens", max_new_tokens, minimum=0)
+        for name, tok in (("stop_token", stop_token), ("pad_token", pad_token)):
+            if tok is not None and not (isinstance(tok, int) and 0 <= tok < self.config.vocab_size):
+                raise ValueError(f"{name} must be None or an int in [0, {self.config.vocab_size}), but got {tok!r}")
+        if max_new_tokens == 0:
+            return ids
+        was_training = self.training
+        self.eval()
+        try:
+            state = self.new_state(ids.shape[0])
+            logits = self(ids, state)[:, -1]
+            return decode_loop(
+                lambda tok: self(tok, state)[:, -1], logits, ids, max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, stop_token=stop_token, pad_token=pad_token, generator=generator,
+            )
+        finally:
+            self.train(was_training)

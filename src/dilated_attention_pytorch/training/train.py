@@ -1,0 +1,293 @@
+"""``python -m dilated_attention_pytorch train``: a byte-level LongNetLM on the Python standard library's sources.
+
+The default run takes a few minutes on a 2-core CPU. Writes to ``--out``: ``checkpoint.pt`` (model,
+optimizer, RNG states, data position, loss history; ``--resume`` continues it exactly), ``loss.png``
+and ``metrics.json`` (validation bits-per-byte, time, a generated sample). Scale up on a GPU with e.g.
+``--device cuda --dtype bfloat16 --context 8192 --segments 1024 2048 4096 8192 --dilations 1 2 4 8
+--embed-dim 512 --layers 8 --heads 8 --batch-size 8 --steps 3000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..models import LongNetLM, LongNetLMConfig
+from .data import Corpus, load_corpus
+
+__all__ = ["build_parser", "evaluate", "main", "run"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_RESUMABLE_OVERRIDES = ("steps", "stop_after", "progress", "out", "resume")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dilated_attention_pytorch train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/longnet-lm", help="folder for checkpoint.pt, loss.png, metrics.json")
+    p.add_argument("--resume", action="store_true", help="continue --out/checkpoint.pt (its settings win; with the same --steps the losses "
+                   "equal an uninterrupted run's)")
+    p.add_argument("--corpus", default=None, help="a file or folder of text (default: the Python stdlib sources)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--stop-after", type=int, default=None, help="stop (and save) after this step, e.g. to resume")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--segments", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--dilations", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--positions", choices=["rotary", "xpos"], default="rotary")
+    p.add_argument("--attention-type", default="standard")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (params stay float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--sample-bytes", type=int, default=300)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "context", "eval_every", "eval_windows", "save_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
+    if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
+        raise ValueError(f"--stop-after must be in [1, --steps={args.steps}], but got {args.stop_after}")
+    if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1:
+        raise ValueError(f"--warmup must be >= 0 and --min-lr-ratio in [0, 1], got {args.warmup}, {args.min_lr_ratio}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for CUDA, but torch.cuda.is_available() is False")
+    return device
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@torch.no_grad()
+def evaluate(model: LongNetLM, corpus: Corpus, args: argparse.Namespace, device: torch.device) -> float:
+    """Held-out bits per byte on fixed windows (every position predicts the next byte)."""
+    was_training = model.training
+    model.eval()
+    x, y = corpus.val_windows(args.eval_windows, args.context)
+    total, count = 0.0, 0
+    for i in range(0, x.shape[0], args.batch_size):
+        xb, yb = x[i : i + args.batch_size].to(device), y[i : i + args.batch_size].to(device)
+        with _autocast(device, DTYPES[args.dtype]):
+            logits = model(xb)
+        total += F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="sum").item()
+        count += yb.numel()
+    model.train(was_training)
+    return total / count / math.log(2)
+
+
+def _rng_state(device: torch.device, data_gen: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device, data_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    if device.type == "cuda":
+        if "cuda" not in state:
+            raise ValueError("the checkpoint was written on CPU; resume it on CPU for an exact continuation")
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _save(path: str, payload: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def plot_losses(history: dict[str, list], path: str) -> None:
+    """Training and held-out bits-per-byte against step, as a PNG (matplotlib, no global state)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("the loss curve needs matplotlib: pip install 'dilated-attention-pytorch[bench]'") from err
+    fig = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if history["train"]:
+        steps, losses = zip(*history["train"])
+        ax.plot(steps, [v / math.log(2) for v in losses], lw=0.8, alpha=0.7, label="train")
+    if history["val"]:
+        steps, bpb = zip(*history["val"])
+        ax.plot(steps, bpb, "o-", label="held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("LongNetLM, byte level")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def sample_text(model: LongNetLM, prompt: str, n_bytes: int, *, seed: int, temperature: float = 0.8,
+                top_k: Optional[int] = 40, device: Optional[torch.device] = None) -> str:
+    ids = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long, device=device)
+    gen = torch.Generator(device=ids.device).manual_seed(seed)
+    out = model.generate(ids, n_bytes, temperature=temperature, top_k=top_k, generator=gen)
+    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume) as ``args`` say; returns the summary also written to ``metrics.json``."""
+    _check_args(args)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = dict(ckpt["args"])
+        for name in _RESUMABLE_OVERRIDES:
+            saved[name] = getattr(args, name)
+        args = argparse.Namespace(**saved)
+        _check_args(args)
+    device = _device(args.device)
+    corpus = load_corpus(args.corpus, min_bytes=args.context + 2)
+    if ckpt is not None and ckpt["corpus_sha256"] != corpus.sha256:
+        raise ValueError("--resume: the corpus differs from the one the checkpoint was trained on (sha256 mismatch)")
+
+    torch.manual_seed(args.seed)
+    config = LongNetLMConfig(
+        vocab_size=256, embed_dim=args.embed_dim, num_layers=args.layers, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, segment_lengths=tuple(args.segments), dilation_rates=tuple(args.dilations),
+        positions=args.positions, dropout=args.dropout, attention_type=args.attention_type,
+    )
+    model = LongNetLM(config).to(device)
+    optimizer = _optimizer(model, args)
+    data_gen = torch.Generator().manual_seed(args.seed + 1)
+    history: dict[str, list] = {"train": [], "val": []}
+    start, elapsed = 0, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], device, data_gen)
+        history, start, elapsed = ckpt["history"], ckpt["step"], ckpt["elapsed_s"]
+    step_fn = torch.compile(model) if args.compile else model
+    stop = args.steps if args.stop_after is None else args.stop_after
+
+    def checkpoint(step: int) -> None:
+        _save(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
+            "args": vars(args), "step": step, "rng": _rng_state(device, data_gen), "history": history,
+            "corpus_sha256": corpus.sha256, "elapsed_s": elapsed,
+        })
+
+    if args.progress and start == 0:
+        print(f"corpus: {corpus.description}\nmodel: {model.num_parameters():,} parameters, {config}", flush=True)
+    bar = None
+    if args.progress:
+        try:
+            from tqdm import tqdm
+        except ImportError as err:
+            raise ImportError("progress bars need tqdm: pip install 'dilated-attention-pytorch[bench]' "
+                              "(or pass --no-progress)") from err
+        bar = tqdm(total=stop, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(start, stop):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        x, y = (t.to(device) for t in corpus.batch(args.batch_size, args.context, data_gen))
+        with _autocast(device, DTYPES[args.dtype]):
+            logits = step_fn(x)  # (b, n, 256)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        history["train"].append([step + 1, loss.item()])
+        done = step + 1
+        if done % args.eval_every == 0 or done == args.steps:
+            history["val"].append([done, evaluate(model, corpus, args, device)])
+        if bar is not None:
+            post = {"bpb": f"{loss.item() / math.log(2):.3f}"}
+            if history["val"]:
+                post["val_bpb"] = f"{history['val'][-1][1]:.3f}"
+            bar.set_postfix(post)
+            bar.update(1)
+        if done % args.save_every == 0 or done == stop:
+            elapsed_now = elapsed + time.perf_counter() - t0
+            elapsed, t0 = elapsed_now, time.perf_counter()
+            checkpoint(done)
+    if bar is not None:
+        bar.close()
+    elapsed += time.perf_counter() - t0
+    plot_losses(history, os.path.join(args.out, "loss.png"))
+    summary: dict[str, Any] = {
+        "step": stop, "steps": args.steps, "train_seconds": round(elapsed, 1), "device": str(device),
+        "dtype": args.dtype, "parameters": model.num_parameters(), "corpus": corpus.description,
+        "final_train_bpb": history["train"][-1][1] / math.log(2) if history["train"] else None,
+        "val_bpb": history["val"][-1][1] if history["val"] else None, "val_history": history["val"],
+        "config": config.to_dict(),
+    }
+    if stop == args.steps and args.sample_bytes > 0:
+        summary["sample_prompt"] = "def "
+        summary["sample"] = sample_text(model, "def ", args.sample_bytes, seed=args.seed, device=device)
+    with open(os.path.join(args.out, "metrics.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    summary = run(build_parser().parse_args(argv))
+    if summary["step"] < summary["steps"]:
+        print(f"stopped at step {summary['step']} of {summary['steps']}; continue with --resume")
+    else:
+        print(f"trained {summary['steps']} steps in {summary['train_seconds']} s on {summary['device']}: "
+              f"held-out {summary['val_bpb']:.3f} bits/byte")
+        if "sample" in summary:
+            print("--- sample ---\n" + summary["sample"])
+    return summary
+
+
+if __name__ == "__main__":
+    main()
