@@ -53,16 +53,11 @@ def dilated_attention(
 
     Rows that see no key get zeros, LSE ``-inf`` and no gradient.
     """
-    V.check_qkv(query, key, value)
-    segment_lengths, dilation_rates = V.check_patterns(segment_lengths, dilation_rates)
-    is_causal = V.check_bool("is_causal", is_causal)
-    head_groups = V.check_bool("head_groups", head_groups)
-    return_lse = V.check_bool("return_lse", return_lse)
-    scale = V.check_scale("scale", scale)
-    dropout_p = V.check_dropout("dropout_p", dropout_p)
-    offsets = V.check_offsets(offsets, dilation_rates, query.shape[2], head_groups)
-    key_padding_mask = V.check_key_padding_mask(key_padding_mask, query)
-    backend = V.check_backend(backend)
+    (segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets, head_groups, key_padding_mask,
+     return_lse, backend) = V.check_attention_args(
+        query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets, head_groups,
+        key_padding_mask, return_lse, backend,
+    )
     if scale is None:
         scale = query.shape[-1] ** -0.5
 

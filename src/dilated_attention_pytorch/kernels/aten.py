@@ -22,6 +22,22 @@ def _additive_mask(key_valid, dtype) -> Any:
     return mask.masked_fill_(~key_valid, float("-inf"))[:, None, None, :]
 
 
+def _cuda_half_reasons(inputs: BlockInputs, max_head_dim: int) -> list[str]:
+    """What the CUDA fp16/bf16 kernels (FlashAttention-2, cuDNN) need."""
+    reasons = []
+    if inputs.device_type != "cuda":
+        reasons.append(f"runs on cuda only, inputs are on {inputs.device_type}")
+    if inputs.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"needs float16 or bfloat16, inputs are {inputs.dtype}")
+    if inputs.head_dim > max_head_dim or inputs.head_dim % 8 != 0:
+        reasons.append(f"needs head_dim a multiple of 8 and <= {max_head_dim}, got {inputs.head_dim}")
+    if inputs.has_key_mask:
+        reasons.append("does not support a key padding mask")
+    if inputs.needs_delta:
+        reasons.append("backward cannot take a gradient of the LSE")
+    return reasons
+
+
 class CpuFlashKernel:
     """``aten::_scaled_dot_product_flash_attention_for_cpu``: any float dtype, key masks; no dropout."""
 
@@ -56,18 +72,7 @@ class CudaFlashKernel:
     name = "cuda_flash"
 
     def not_supported_reasons(self, inputs: BlockInputs) -> list[str]:
-        reasons = []
-        if inputs.device_type != "cuda":
-            reasons.append(f"runs on cuda only, inputs are on {inputs.device_type}")
-        if inputs.dtype not in (torch.float16, torch.bfloat16):
-            reasons.append(f"needs float16 or bfloat16, inputs are {inputs.dtype}")
-        if inputs.head_dim > 256 or inputs.head_dim % 8 != 0:
-            reasons.append(f"needs head_dim a multiple of 8 and <= 256, got {inputs.head_dim}")
-        if inputs.has_key_mask:
-            reasons.append("does not support a key padding mask")
-        if inputs.needs_delta:
-            reasons.append("backward cannot take a gradient of the LSE")
-        return reasons
+        return _cuda_half_reasons(inputs, max_head_dim=256)
 
     def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p):
         res = torch.ops.aten._scaled_dot_product_flash_attention(
@@ -103,19 +108,9 @@ class CudnnKernel:
     name = "cudnn"
 
     def not_supported_reasons(self, inputs: BlockInputs) -> list[str]:
-        reasons = []
-        if inputs.device_type != "cuda":
-            reasons.append(f"runs on cuda only, inputs are on {inputs.device_type}")
-        if inputs.dtype not in (torch.float16, torch.bfloat16):
-            reasons.append(f"needs float16 or bfloat16, inputs are {inputs.dtype}")
-        if inputs.head_dim > 128 or inputs.head_dim % 8 != 0:
-            reasons.append(f"needs head_dim a multiple of 8 and <= 128, got {inputs.head_dim}")
-        if inputs.has_key_mask:
-            reasons.append("does not support a key padding mask")
+        reasons = _cuda_half_reasons(inputs, max_head_dim=128)
         if inputs.dropout:
             reasons.append("does not support dropout")
-        if inputs.needs_delta:
-            reasons.append("backward cannot take a gradient of the LSE")
         return reasons
 
     def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p):

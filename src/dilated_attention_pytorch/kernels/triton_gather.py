@@ -13,7 +13,6 @@ head. Runs on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check it).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -27,90 +26,8 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@lru_cache(maxsize=None)
 def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gather_kernel(
-        out_ptr, lse_out_ptr, src_tab, src_strides, lse_tab, lse_strides, pat_tab, head_tab,
-        m_len, num_heads, num_patterns, head_dim,
-        s_ob, s_ot, s_oh, s_lb, s_lt, s_lh,
-        WEIGHTED: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        pid_t = tl.program_id(0)
-        jt = tl.program_id(1)
-        bb = tl.program_id(2)
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_ok = t < m_len
-        dd = tl.arange(0, BLOCK_D)
-        d_ok = dd < head_dim
-        elem = out_ptr.dtype.element_ty
-        big_l = tl.zeros([BLOCK_T], dtype=tl.float32)
-        if WEIGHTED:  # pass 1: merged log-sum-exp over the covering patterns
-            mx = tl.full([BLOCK_T], float("-inf"), tl.float32)
-            total = tl.zeros([BLOCK_T], dtype=tl.float32)
-            for i in range(num_patterns):
-                seg_len = tl.load(pat_tab + 3 * i).to(tl.int32)
-                r = tl.load(pat_tab + 3 * i + 1).to(tl.int32)
-                full = tl.load(pat_tab + 3 * i + 2).to(tl.int32)
-                hrow = head_tab + 4 * (i * num_heads + jt)
-                off, hpos = tl.load(hrow).to(tl.int32), tl.load(hrow + 1).to(tl.int32)
-                seg = t // seg_len
-                within = t - seg * seg_len
-                in_full = seg < full
-                bid = tl.where(in_full, tl.load(hrow + 2), tl.load(hrow + 3)).to(tl.int32)  # 32-bit index math
-                ok = t_ok & (within % r == off) & (bid >= 0)
-                row_b = tl.where(in_full, bb * full + seg, bb).to(tl.int64)
-                base = tl.load(lse_tab + bid, mask=ok, other=0).to(tl.pointer_type(tl.float32))
-                sb = tl.load(lse_strides + 3 * bid, mask=ok, other=0)
-                sh = tl.load(lse_strides + 3 * bid + 1, mask=ok, other=0)
-                sl = tl.load(lse_strides + 3 * bid + 2, mask=ok, other=0)
-                lse = tl.load(base + row_b * sb + hpos * sh + (within // r).to(tl.int64) * sl, mask=ok,
-                              other=float("-inf"))
-                new_mx = tl.maximum(mx, lse)
-                safe = tl.where(new_mx == float("-inf"), 0.0, new_mx)
-                total = total * tl.exp(mx - safe) + tl.exp(lse - safe)
-                mx = new_mx
-            safe = tl.where(mx == float("-inf"), 0.0, mx)
-            big_l = safe + tl.log(total)  # -inf where no pattern covers the row
-            big_l_safe = tl.where(total > 0, big_l, 0.0)
-        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for g in tl.static_range(GROUP):  # pass 2: the (weighted) sum of the covering rows
-            j = jt * GROUP + g
-            for i in range(num_patterns):
-                seg_len = tl.load(pat_tab + 3 * i).to(tl.int32)
-                r = tl.load(pat_tab + 3 * i + 1).to(tl.int32)
-                full = tl.load(pat_tab + 3 * i + 2).to(tl.int32)
-                hrow = head_tab + 4 * (i * num_heads + j)
-                off, hpos = tl.load(hrow).to(tl.int32), tl.load(hrow + 1).to(tl.int32)
-                seg = t // seg_len
-                within = t - seg * seg_len
-                in_full = seg < full
-                bid = tl.where(in_full, tl.load(hrow + 2), tl.load(hrow + 3)).to(tl.int32)  # 32-bit index math
-                ok = t_ok & (within % r == off) & (bid >= 0)
-                row_b = tl.where(in_full, bb * full + seg, bb).to(tl.int64)
-                row_k = (within // r).to(tl.int64)
-                base = tl.load(src_tab + bid, mask=ok, other=0).to(tl.pointer_type(elem))
-                sb = tl.load(src_strides + 3 * bid, mask=ok, other=0)
-                sh = tl.load(src_strides + 3 * bid + 1, mask=ok, other=0)
-                sl = tl.load(src_strides + 3 * bid + 2, mask=ok, other=0)
-                rows = tl.load((base + row_b * sb + hpos * sh + row_k * sl)[:, None] + dd[None, :],
-                               mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                if WEIGHTED:
-                    lbase = tl.load(lse_tab + bid, mask=ok, other=0).to(tl.pointer_type(tl.float32))
-                    lsb = tl.load(lse_strides + 3 * bid, mask=ok, other=0)
-                    lsh = tl.load(lse_strides + 3 * bid + 1, mask=ok, other=0)
-                    lsl = tl.load(lse_strides + 3 * bid + 2, mask=ok, other=0)
-                    lse = tl.load(lbase + row_b * lsb + hpos * lsh + row_k * lsl, mask=ok, other=float("-inf"))
-                    rows = rows * tl.exp(lse - big_l_safe)[:, None]
-                acc += rows
-        t64 = t.to(tl.int64)
-        o_ptrs = out_ptr + bb.to(tl.int64) * s_ob + t64[:, None] * s_ot + jt * s_oh + dd[None, :]
-        tl.store(o_ptrs, acc.to(elem), mask=t_ok[:, None] & d_ok[None, :])
-        if WEIGHTED:
-            tl.store(lse_out_ptr + bb.to(tl.int64) * s_lb + t64 * s_lt + jt * s_lh, big_l, mask=t_ok)
+    from ._gather_kernel import gather_kernel  # imports triton: only when the fused path runs
 
     return gather_kernel
 

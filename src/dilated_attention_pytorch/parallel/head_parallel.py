@@ -116,16 +116,10 @@ def _head_runs(
 
 def _validate(query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets,
               head_groups, key_padding_mask, return_lse):
-    V.check_qkv(query, key, value)
-    segment_lengths, dilation_rates = V.check_patterns(segment_lengths, dilation_rates)
-    is_causal = V.check_bool("is_causal", is_causal)
-    head_groups = V.check_bool("head_groups", head_groups)
-    V.check_bool("return_lse", return_lse)
-    scale = V.check_scale("scale", scale)
-    dropout_p = V.check_dropout("dropout_p", dropout_p)
-    offsets = V.check_offsets(offsets, dilation_rates, query.shape[2], head_groups)
-    key_padding_mask = V.check_key_padding_mask(key_padding_mask, query)
-    return segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets, head_groups, key_padding_mask
+    a = V.check_attention_args(query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p,
+                               offsets, head_groups, key_padding_mask, return_lse, "auto")
+    return (a.segment_lengths, a.dilation_rates, a.is_causal, a.scale, a.dropout_p, a.offsets, a.head_groups,
+            a.key_padding_mask)
 
 
 def head_parallel_dilated_attention(

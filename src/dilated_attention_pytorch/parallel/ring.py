@@ -254,25 +254,19 @@ def _inputs(q: torch.Tensor, key_valid, needs_delta: bool) -> BlockInputs:
 
 def _validate(query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets,
               head_groups, key_padding_mask, return_lse, backend):
-    V.check_qkv(query, key, value)
-    segment_lengths, dilation_rates = V.check_patterns(segment_lengths, dilation_rates)
-    is_causal = V.check_bool("is_causal", is_causal)
-    head_groups = V.check_bool("head_groups", head_groups)
-    V.check_bool("return_lse", return_lse)
-    scale = V.check_scale("scale", scale)
-    dropout_p = V.check_dropout("dropout_p", dropout_p)
-    if dropout_p > 0:
+    a = V.check_attention_args(query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p,
+                               offsets, head_groups, key_padding_mask, return_lse, backend)
+    if a.dropout_p > 0:
         raise ValueError(
             f"dropout_p must be 0 for ring_dilated_attention (attention dropout is not supported across ranks), "
-            f"but got {dropout_p}; use DistributedImprovedDilatedAttention for dropout"
+            f"but got {a.dropout_p}; use DistributedImprovedDilatedAttention for dropout"
         )
-    offsets = V.check_offsets(offsets, dilation_rates, query.shape[2], head_groups)
-    key_padding_mask = V.check_key_padding_mask(key_padding_mask, query)
-    if V.check_backend(backend) == "reference":
+    if a.backend == "reference":
         raise ValueError(
             "backend must be 'auto', 'fused' or 'portable' for ring_dilated_attention, but got 'reference'"
         )
-    return segment_lengths, dilation_rates, is_causal, scale, offsets, head_groups, key_padding_mask
+    return (a.segment_lengths, a.dilation_rates, a.is_causal, a.scale, a.offsets, a.head_groups,
+            a.key_padding_mask)
 
 
 def ring_dilated_attention(
