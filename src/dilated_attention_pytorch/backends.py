@@ -47,7 +47,9 @@ def choose_backend(
         has_key_mask=key_padding_mask is not None, dropout=dropout_p > 0, needs_delta=lse_needs_grad and dropout_p > 0,
     )
     fused = kernel_reasons(inputs, FUSED_KERNELS)
-    if not triton_available():
+    if torch.compiler.is_compiling():  # the gather kernel reads raw data pointers: not traceable
+        fused = {name: reasons + ["under torch.compile the portable path runs"] for name, reasons in fused.items()}
+    elif not triton_available():
         fused = {name: reasons + ["the fused merge needs triton (pip install triton)"] for name, reasons in fused.items()}
     if lse_needs_grad:  # the fused kernels' backward cannot take an LSE gradient
         fused = {name: reasons + ["return_lse=True with gradients needs the portable backward"]

@@ -85,7 +85,7 @@ def dilated_attention(
             kernel=choice.kernel, chunk_tokens=chunk_tokens(n),
             merge="triton" if choice.backend == "fused" else "torch",
             grads_in_input_dtype=choice.backend == "fused",
-            piece_token_heads=max(1 << 16, query.shape[0] * n * query.shape[2] // 4),
+            piece_token_heads=max(1 << 17, query.shape[0] * n * query.shape[2] // 8),
         )
         key_valid = None if key_padding_mask is None else ~key_padding_mask
         out, lse_bnh = run_engine(query, key, value, key_valid, opts)
