@@ -16,6 +16,7 @@ from dilated_attention_pytorch import dilated_attention
 from dilated_attention_pytorch.parallel.comm import CommStats
 from dilated_attention_pytorch.parallel.head_parallel import head_parallel_dilated_attention
 from dilated_attention_pytorch.parallel.ring import ring_dilated_attention
+from dilated_attention_pytorch.parallel.ring_plan import ring_plan
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 _FUNCTIONS = {"ring": ring_dilated_attention, "head_parallel": head_parallel_dilated_attention}
@@ -152,3 +153,22 @@ def check_sharded(rank: int, world: int, cases, fn_name: str, seed: int = 1000) 
                 torch.testing.assert_close(lse, l_whole[:, :, sl], **TOL, msg=lambda m: f"{where} lse: {m}")
             for t, gw, nm in zip(shard, g_whole, "qkv"):
                 torch.testing.assert_close(t.grad, gw[:, sl], **TOL, msg=lambda m: f"{where} d{nm}: {m}")
+
+
+def check_bytes_flat(rank: int, world: int, segs, dils, n_locals, **shape) -> None:
+    """Causal ring bytes sent per rank equal the plan and do not change over ``n_locals`` (which differ by
+    multiples of lcm(segs), so every shard boundary falls at the same place in its segments)."""
+    sent = {}
+    for n_local in n_locals:
+        c = case(n_local=n_local, segs=segs, dils=dils, causal=True, n_total=n_local * world, **shape)
+        q, k, v, dout, _, _ = case_inputs(c, seed=7)
+        sl = slice(rank * n_local, (rank + 1) * n_local)
+        shard = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
+        stats = CommStats()
+        (ring_dilated_attention(*shard, segs, dils, is_causal=True, stats=stats) * dout[:, sl]).sum().backward()
+        plan = ring_plan(world, rank, n_local, c["h"], c["h_kv"], segs, dils, "paper", False, True)
+        assert stats.forward_bytes_sent == plan.forward_bytes_sent(c["b"], c["d"], 8)
+        sent[n_local] = (stats.forward_bytes_sent, stats.backward_bytes_sent)
+    assert len(set(sent.values())) == 1, sent
+    if rank < world - 1:
+        assert sent[n_locals[0]][0] > 0  # causal: every rank but the last sends rows forward

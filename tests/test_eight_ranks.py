@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from dilated_attention_pytorch.parallel.comm import CommStats
-from dilated_attention_pytorch.parallel.ring import ring_dilated_attention
-from dilated_attention_pytorch.parallel.ring_plan import ring_plan
-
-from distributed_utils import case, case_inputs, check_sharded, random_cases, run_distributed
+from distributed_utils import case, check_bytes_flat, check_sharded, random_cases, run_distributed
 
 WORLD = 8
 RING_CASES = [
@@ -29,21 +25,7 @@ def _check_all(rank: int, world: int, seed: int) -> None:
     check_sharded(rank, world, RING_CASES + random_cases(seed, 2, world), "ring", seed)
     check_sharded(rank, world, HEAD_PARALLEL_CASES + random_cases(seed + 1, 1, world, head_multiple=world),
                   "head_parallel", seed + 7)
-    segs, dils = (3, 8, 20), (1, 2, 4)
-    sent = set()
-    for n_local in (27, 27 + 120, 27 + 240):  # + multiples of lcm(w): the same boundary geometry, longer sequence
-        c = case(b=1, n_local=n_local, h=2, h_kv=2, d=4, segs=segs, dils=dils, causal=True, n_total=n_local * world)
-        q, k, v, dout, _, _ = case_inputs(c, seed=seed + 11)
-        sl = slice(rank * n_local, (rank + 1) * n_local)
-        shard = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
-        stats = CommStats()
-        (ring_dilated_attention(*shard, segs, dils, is_causal=True, stats=stats) * dout[:, sl]).sum().backward()
-        plan = ring_plan(world, rank, n_local, c["h"], c["h_kv"], segs, dils, "paper", False, True)
-        assert stats.forward_bytes_sent == plan.forward_bytes_sent(c["b"], c["d"], 8)
-        sent.add((stats.forward_bytes_sent, stats.backward_bytes_sent))
-    assert len(sent) == 1, sent
-    if rank < world - 1:
-        assert next(iter(sent))[0] > 0  # causal: every rank but the last sends rows forward
+    check_bytes_flat(rank, world, (3, 8, 20), (1, 2, 4), (27, 27 + 120, 27 + 240), b=1, h=2, h_kv=2, d=4)
 
 
 def test_ring_and_head_parallel_on_eight_ranks():

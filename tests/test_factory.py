@@ -146,12 +146,13 @@ def _check_parallel_routes(rank: int, world: int) -> None:
     assert choice.attention_type == "ring", choice
     assert any(f"{world} ranks" in r for r in choice.reasons)
     # whole sequences: never ring; on a GPU the fused single-device path
-    assert explain_auto(single_device=True).attention_type == ("improved" if torch.cuda.is_available() else "standard")
+    single = "improved" if torch.cuda.is_available() else "standard"
+    assert explain_auto(single_device=True).attention_type == single
     from dilated_attention_pytorch.models import LongNetLM  # whole sequences: auto never means ring
 
     lm = LongNetLM(vocab_size=8, embed_dim=8, num_heads=2, num_layers=1, segment_lengths=(4,), dilation_rates=(1,),
                    attention_type="auto")
-    assert lm.layers[0].self_attn.attention_type in ("standard", "improved")
+    assert lm.layers[0].self_attn.attention_type == single
     q, k, v = _qkv(b=1, n=10 * world, h=4, h_kv=2, seed=5)
     sl = slice(rank * 10, (rank + 1) * 10)
     for causal in (False, True):

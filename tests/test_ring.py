@@ -16,7 +16,9 @@ from dilated_attention_pytorch.parallel.ring import (
 )
 from dilated_attention_pytorch.parallel.ring_plan import ring_plan
 
-from distributed_utils import TOL, case, case_inputs, check_sharded, random_cases, run_distributed
+from distributed_utils import (
+    TOL, case, case_inputs, check_bytes_flat, check_sharded, random_cases, run_distributed,
+)
 
 # world -> cases; "spanning" says whether some segment crosses a shard boundary (the communicating path).
 CASES = {
@@ -68,22 +70,7 @@ def _check_world(rank: int, world: int, cases, seed: int) -> None:
 
 def _check_bytes_flat(rank: int, world: int) -> None:
     """Bytes sent per rank do not grow with the total length for fixed w/r (forward and backward)."""
-    segs, dils = (6, 10, 20), (1, 2, 4)
-    sent = {}
-    for n_local in (13, 13 + 60, 13 + 240):  # + multiples of lcm(w): the same boundary geometry
-        c = case(n_local=n_local, segs=segs, dils=dils, causal=True, n_total=n_local * world)
-        q, k, v, dout, _, _ = case_inputs(c, seed=7)
-        sl = slice(rank * n_local, (rank + 1) * n_local)
-        shard = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
-        stats = CommStats()
-        out = ring_dilated_attention(*shard, segs, dils, is_causal=True, stats=stats)
-        (out * dout[:, sl]).sum().backward()
-        plan = ring_plan(world, rank, n_local, c["h"], c["h_kv"], segs, dils, "paper", False, True)
-        assert stats.forward_bytes_sent == plan.forward_bytes_sent(c["b"], c["d"], 8)
-        sent[n_local] = (stats.forward_bytes_sent, stats.backward_bytes_sent)
-    assert len(set(sent.values())) == 1, sent
-    if rank < world - 1:
-        assert sent[13][0] > 0  # causal: every rank but the last sends rows forward
+    check_bytes_flat(rank, world, (6, 10, 20), (1, 2, 4), (13, 13 + 60, 13 + 240))
 
 
 def test_ring_bytes_sent_flat_in_sequence_length():
