@@ -77,6 +77,19 @@ def test_digest_depends_on_content_and_shape():
     assert layout_digest(a) != layout_digest(torch.zeros(3, 3, 2, dtype=torch.bool))
 
 
+def test_digest_is_kept_while_the_layout_is_unchanged_and_follows_in_place_edits():
+    layout = torch.rand(3, 6, 6) < 0.5
+    first = layout_digest(layout)
+    assert layout_digest(layout) == first
+    layout[0, 1, 2] = not bool(layout[0, 1, 2])  # an in-place write: the version counter moves
+    edited = layout_digest(layout)
+    assert edited != first and edited == layout_digest(layout.clone())
+    view = layout[1]
+    view.fill_(True)  # a write through a view moves the base's counter too
+    assert layout_digest(layout) == layout_digest(layout.clone()) != edited
+    assert layout_digest(layout[:2]) == layout_digest(layout[:2].clone())  # a view hashes its own content
+
+
 def test_plans_are_cached_by_content_block_size_and_causality():
     layout = torch.rand(2, 5, 5) < 0.5
     before = METADATA_CACHE.stats()

@@ -14,11 +14,14 @@ __all__ = ["BACKENDS", "BackendChoice", "choose_backend", "chunk_tokens", "expla
 
 
 def chunk_tokens(n: int) -> int:
-    """Tokens per chunk of temporaries: about n / 2, at most CHUNK_TOKENS (rounded up to whole segments)."""
-    return max(1, min(CHUNK_TOKENS, n // 2))
+    """Tokens per chunk of temporaries: the whole sequence up to CHUNK_TOKENS (chunks hold whole segments).
+
+    Fewer chunks issue fewer kernels: at 64K tokens on an H200, two chunks instead of one left the
+    forward bound by the host's time to issue its ~25 kernels (benchmarks/fused_profile.py)."""
+    return max(1, min(CHUNK_TOKENS, n))
 
 BACKENDS = ("auto", "fused", "portable", "reference")
-CHUNK_TOKENS = 1 << 17  # tokens per chunk of temporaries (rounded to whole segments; at most n / 2)
+CHUNK_TOKENS = 1 << 17  # tokens per chunk of temporaries (rounded to whole segments)
 
 
 @dataclass(frozen=True)

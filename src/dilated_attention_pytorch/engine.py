@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -45,6 +45,12 @@ class Block:
     pattern: int = -1
     diag_m: Optional[int] = None
 
+    key: tuple = field(init=False, repr=False, compare=False)  # hashable (a slice is not before Python 3.12)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.span, self.offset, self.dilation, _index_key(self.heads),
+                                         _index_key(self.kv_heads), self.pattern, self.diag_m))
+
     def head_list(self, num_heads: int) -> list[int]:
         if isinstance(self.heads, slice):
             return list(range(num_heads))[self.heads]
@@ -53,6 +59,44 @@ class Block:
     def head_offset(self, position: int) -> int:
         """Offset of the block's ``position``-th head."""
         return position if self.diag_m is not None else self.offset
+
+
+def _index_key(index: HeadIndex) -> tuple:
+    return (index.start, index.stop, index.step) if isinstance(index, slice) else ("at",) + tuple(index)
+
+
+class _ViewMemo:
+    """What a chain of view ops does to tensors of one shape and stride, remembered so that later calls
+    make the same view with one ``as_strided``.
+
+    At short sequences the chains (narrow, unflatten, slice, diagonal, transpose: about ten ops per
+    tensor and block) cost more host time than the kernels they feed. A chain whose result is a copy
+    (an ``index_select``, a ``contiguous``) is not remembered and runs every time. Bounded; entries are
+    a few integers.
+    """
+
+    def __init__(self, maxsize: int = 1 << 14) -> None:
+        self.maxsize = maxsize
+        self._specs: dict = {}
+
+    def __call__(self, x: torch.Tensor, key: tuple, build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced once into the graph: nothing to save
+            return build(x)
+        k = (key, x.shape, x.stride())
+        spec = self._specs.get(k)
+        if spec is not None:
+            return x.as_strided(spec[0], spec[1], x.storage_offset() + spec[2])
+        y = build(x)
+        if k not in self._specs:
+            if len(self._specs) >= self.maxsize:
+                self._specs.clear()
+            same = y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and y.numel() > 0
+            if same:
+                self._specs[k] = (y.shape, y.stride(), y.storage_offset() - x.storage_offset())
+        return y
+
+
+_views = _ViewMemo()
 
 
 def _as_index(heads: Sequence[int]) -> HeadIndex:
@@ -208,7 +252,14 @@ def _from_kernel(x: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _block_tensor(x: torch.Tensor, block: Block, heads: HeadIndex) -> torch.Tensor:
-    return _to_kernel(_view(x, block, heads))
+    return _views(x, ("block", block.key, _index_key(heads)), lambda t: _to_kernel(_view(t, block, heads)))
+
+
+def _piece_tensor(x: torch.Tensor, block: Block, heads: HeadIndex, piece: tuple[int, int, int, int]) -> torch.Tensor:
+    """Kernel layout of one piece ``(c0, c1, h0, h1)`` (segments, heads) of the block's rows of ``x``."""
+    c0, c1, h0, h1 = piece
+    return _views(x, ("piece", block.key, _index_key(heads), piece),
+                  lambda t: _to_kernel(_view(t, block, heads)[:, c0:c1, :, h0:h1]))
 
 
 def _block_rowwise(x: torch.Tensor, block: Block) -> torch.Tensor:
@@ -252,7 +303,7 @@ def _forward_chunk(q, k, v, key_valid, opts: EngineOptions, segments, chunk: int
     acc = acc_dtype(q.dtype)
     blocks = plan_blocks(m, h, k.shape[2], segments, opts.dilation_rates, opts.offsets, opts.head_groups,
                          diagonal_blocks=key_valid is None)
-    lse_total = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device)
+    lse_total = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device) if opts.merge == "torch" else None
     results = []
     for bi, block in enumerate(blocks):  # phase 1: every block's attention, and the merged LSE
         kv_rows = None if key_valid is None else _rows(key_valid, block).reshape(-1, block.span.rows)
@@ -293,34 +344,45 @@ def _backward_chunk(dout, q, k, v, out, lse, key_valid, dlse, opts: EngineOption
     acc = acc_dtype(q.dtype)
     blocks = plan_blocks(m, h, k.shape[2], segments, opts.dilation_rates, opts.offsets, opts.head_groups,
                          diagonal_blocks=key_valid is None)
-    if opts.grads_in_input_dtype:  # accumulate straight into the gradients (zeroed by the caller)
+    if opts.grads_in_input_dtype:  # accumulate straight into the gradients
         dq, dk, dv = targets
     else:
-        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+        dq, dk, dv = (torch.empty(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+    # A pattern of dilation 1 gives every row to every head once: its gradients are written, not added,
+    # so it runs first and the tensors it writes need no zeroing (one pass less over each).
+    cover = _covering_pattern(blocks, m, h)
+    order = sorted(range(len(blocks)), key=lambda bi: blocks[bi].pattern != cover)
+    writes = tuple(cover is not None and all(_all_heads(getattr(bl, role), n) for bl in blocks if bl.pattern == cover)
+                   for role, n in (("heads", h), ("kv_heads", k.shape[2]), ("kv_heads", k.shape[2])))
+    for target, write in zip((dq, dk, dv), writes):
+        if not write:
+            target.zero_()
     lse_bwd = torch.where(torch.isfinite(lse), lse, float("inf"))  # rows with no keys: P = 0
     delta = None
     if dlse is not None:  # d lse / d s = P: fold it into delta = rowsum(dO * O) - dlse
         delta = (dout.to(acc) * out.to(acc)).sum(-1) - torch.where(torch.isfinite(lse), dlse, 0.0)
-    for bi, block in enumerate(blocks):
+    lse_bwd4, delta4 = lse_bwd.unsqueeze(-1), None if delta is None else delta.unsqueeze(-1)
+    for bi in order:
+        block = blocks[bi]
         rng = opts.rng_states[chunk, bi]
         hq, hkv = block.heads, block.kv_heads
-        dout5, q5, out5 = _view(dout, block, hq), _view(q, block, hq), _view(out, block, hq)
-        k5, v5 = _view(k, block, hkv), _view(v, block, hkv)
-        lse5 = _view(lse_bwd.unsqueeze(-1), block, hq)
-        delta5 = None if delta is None else _view(delta.unsqueeze(-1), block, hq)
+        first = block.pattern == cover
         # Pieces of the block bound the temporaries (a piece's gradients and the kernel's workspace);
         # a random stream belongs to the whole block, so blocks with dropout are not cut.
         whole = opts.dropout_p > 0
-        for c0, c1, h0, h1 in _pieces(b, block.span.count, block.span.rows, q5.shape[3], opts.piece_token_heads, whole):
-            piece = lambda x5: _to_kernel(x5[:, c0:c1, :, h0:h1])  # noqa: E731
+        heads = len(block.head_list(h))
+        for piece in _pieces(b, block.span.count, block.span.rows, heads, opts.piece_token_heads, whole):
+            c0, c1 = piece[:2]
             kv_rows = None if key_valid is None else _rows(key_valid, block)[:, c0:c1].reshape(-1, block.span.rows)
             dq_b, dk_b, dv_b = kernel.backward(
-                piece(dout5), piece(q5), piece(k5), piece(v5), piece(out5), piece(lse5).squeeze(-1), rng,
+                _piece_tensor(dout, block, hq, piece), _piece_tensor(q, block, hq, piece),
+                _piece_tensor(k, block, hkv, piece), _piece_tensor(v, block, hkv, piece),
+                _piece_tensor(out, block, hq, piece), _piece_tensor(lse_bwd4, block, hq, piece).squeeze(-1), rng,
                 key_valid=kv_rows, is_causal=opts.is_causal, scale=opts.scale, dropout_p=opts.dropout_p,
-                delta=None if delta5 is None else piece(delta5).squeeze(-1),
+                delta=None if delta4 is None else _piece_tensor(delta4, block, hq, piece).squeeze(-1),
             )
-            for target, index, grad in ((dq, hq, dq_b), (dk, hkv, dk_b), (dv, hkv, dv_b)):
-                _add_piece(target, block, index, (c0, c1, h0, h1), _from_kernel(grad, b))
+            for target, index, grad, write in zip((dq, dk, dv), (hq, hkv, hkv), (dq_b, dk_b, dv_b), writes):
+                _add_piece(target, block, index, piece, _from_kernel(grad, b), write=first and write)
     if not opts.grads_in_input_dtype:
         for target, grad in zip(targets, (dq, dk, dv)):
             target.copy_(grad)
@@ -335,11 +397,28 @@ def _pieces(b: int, count: int, rows: int, heads: int, limit: int, whole: bool):
     return [(c0, min(count, c0 + cc), h0, min(heads, h0 + hh)) for c0 in range(0, count, cc) for h0 in range(0, heads, hh)]
 
 
-def _add_piece(target: torch.Tensor, block: Block, index: HeadIndex, piece, src: torch.Tensor) -> None:
-    """The piece's rows and heads of ``target`` += ``src (b, c1-c0, rows, h1-h0, ...)``."""
+def _covering_pattern(blocks: Sequence[Block], m: int, num_heads: int) -> Optional[int]:
+    """A pattern of dilation 1 whose blocks cover each of the ``m`` rows once, for all query heads in
+    order (a slice), or None."""
+    for i in sorted({bl.pattern for bl in blocks}):
+        mine = [bl for bl in blocks if bl.pattern == i]
+        if all(bl.dilation == 1 and bl.diag_m is None and _all_heads(bl.heads, num_heads) for bl in mine) and \
+                sum(bl.span.count * bl.span.segment for bl in mine) == m:
+            return i
+    return None
+
+
+def _all_heads(index: HeadIndex, num_heads: int) -> bool:
+    return isinstance(index, slice) and range(num_heads)[index] == range(num_heads)
+
+
+def _add_piece(target: torch.Tensor, block: Block, index: HeadIndex, piece, src: torch.Tensor, write: bool = False) -> None:
+    """The piece's rows and heads of ``target`` += ``src (b, c1-c0, rows, h1-h0, ...)`` (``write``: =)."""
     c0, c1, h0, h1 = piece
     if block.diag_m is not None or isinstance(index, slice):
-        _view(target, block, index)[:, c0:c1, :, h0:h1].add_(src)
+        view = _views(target, ("add", block.key, _index_key(index), piece),
+                      lambda t: _view(t, block, index)[:, c0:c1, :, h0:h1])
+        view.copy_(src) if write else view.add_(src)
     else:
         _rows(target, block)[:, c0:c1].index_add_(3, _index_tensor(index[h0:h1], target.device), src.to(target.dtype))
 
@@ -370,8 +449,7 @@ class _EngineFunction(torch.autograd.Function):
             kernel = choose_kernel(_inputs(q, key_valid, opts.dropout_p, True))
         if dout is None:
             dout = torch.zeros_like(out)
-        make = torch.zeros_like if opts.grads_in_input_dtype else torch.empty_like
-        dq, dk, dv = make(q), make(k), make(v)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # each chunk writes all of its rows
         for ci, (c0, c1, segments) in enumerate(_chunks(q.shape[1], opts)):
             sl = slice(c0, c1)
             _backward_chunk(

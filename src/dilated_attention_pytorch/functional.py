@@ -8,11 +8,26 @@ import torch
 
 from . import _validation as V
 from .patterns import OffsetRule
-from .backends import choose_backend, chunk_tokens
+from .backends import BackendChoice, choose_backend, chunk_tokens
 from .engine import EngineOptions, run_engine
 from .reference import REFERENCE_MAX_SCORES, reference_dilated_attention
 
-__all__ = ["dilated_attention"]
+__all__ = ["dilated_attention", "engine_options"]
+
+
+def engine_options(query: torch.Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                   choice: BackendChoice, *, is_causal: bool, scale: float, dropout_p: float, offsets: OffsetRule,
+                   head_groups: bool) -> EngineOptions:
+    """The block engine's settings for validated arguments and a fused or portable ``choice``."""
+    b, n, h, _ = query.shape
+    return EngineOptions(
+        segment_lengths=tuple(min(w, n) for w in segment_lengths), dilation_rates=tuple(dilation_rates),
+        offsets=offsets, head_groups=head_groups, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+        kernel=choice.kernel, chunk_tokens=chunk_tokens(n),
+        merge="triton" if choice.backend == "fused" else "torch",
+        grads_in_input_dtype=choice.backend == "fused",
+        piece_token_heads=max(1 << 17, b * n * h // 8),
+    )
 
 
 def dilated_attention(
@@ -78,15 +93,8 @@ def dilated_attention(
         out = out.to(query.dtype)
         lse = lse if query.dtype == torch.float64 else lse.float()
     else:
-        n = query.shape[1]
-        opts = EngineOptions(
-            segment_lengths=tuple(min(w, n) for w in segment_lengths), dilation_rates=dilation_rates,
-            offsets=offsets, head_groups=head_groups, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-            kernel=choice.kernel, chunk_tokens=chunk_tokens(n),
-            merge="triton" if choice.backend == "fused" else "torch",
-            grads_in_input_dtype=choice.backend == "fused",
-            piece_token_heads=max(1 << 17, query.shape[0] * n * query.shape[2] // 8),
-        )
+        opts = engine_options(query, segment_lengths, dilation_rates, choice, is_causal=is_causal, scale=scale,
+                              dropout_p=dropout_p, offsets=offsets, head_groups=head_groups)
         key_valid = None if key_padding_mask is None else ~key_padding_mask
         out, lse_bnh = run_engine(query, key, value, key_valid, opts)
         lse = lse_bnh.transpose(1, 2)

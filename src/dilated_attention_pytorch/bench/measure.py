@@ -16,19 +16,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
-    """-> (median milliseconds, peak bytes allocated during one call; 0 on CPU)."""
-    for _ in range(warmup):
+def measure(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, *, min_warmup_s: float = 0.05,
+            min_time_s: float = 0.1) -> tuple[float, float]:
+    """-> (median milliseconds, peak bytes allocated during one call; 0 on CPU).
+
+    Warms up for at least ``warmup`` calls and ``min_warmup_s`` seconds (clocks ramp up, kernels load),
+    then times at least ``repeats`` calls and ``min_time_s`` seconds: short calls get many repeats, so
+    that their medians are as steady as those of long ones.
+    """
+    t0 = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - t0 < min_warmup_s:
         fn()
-    _sync(device)
+        _sync(device)
+        done += 1
     peak = 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         _sync(device)
         peak = float(torch.cuda.max_memory_allocated(device))
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < min_time_s * 1e3:
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -37,7 +46,7 @@ def measure(fn: Callable[[], None], device: torch.device, warmup: int, repeats: 
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((time.perf_counter() - t1) * 1e3)
     return statistics.median(times), peak

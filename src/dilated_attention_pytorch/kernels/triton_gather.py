@@ -1,10 +1,8 @@
 """A Triton kernel that gathers the outputs of all blocks of a chunk into the final tensor in one pass.
 
-Forward (``weighted=True``): for each token ``t`` and head ``j``, the merged LSE ``L = log Σ_i exp(l_i)``
-over the patterns that cover ``(t, j)`` and the merged row ``Σ_i exp(l_i - L) · O_i`` in fp32,
-written once in the output dtype — each block output is read once, nothing is read-modified-written.
-Backward (``weighted=False``): the sum over patterns (and, for key/value heads, over the query heads
-of a GQA group) of the blocks' gradient rows.
+For each token ``t`` and head ``j``: the merged LSE ``L = log Σ_i exp(l_i)`` over the patterns that
+cover ``(t, j)`` and the merged row ``Σ_i exp(l_i - L) · O_i`` in fp32, written once in the output
+dtype — each block output is read once, nothing is read-modified-written.
 
 Block outputs stay where the block kernel put them; the kernel finds each row through a table of
 block base pointers and strides and a table of ``(offset, head position, block ids)`` per pattern and
@@ -13,7 +11,7 @@ head. Runs on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check it).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -49,28 +47,28 @@ def _tables(blocks: Sequence, num_heads: int, m_len: int, segments: tuple, dilat
 
 def gather_blocks(
     target: torch.Tensor,
-    lse_target: torch.Tensor | None,
+    lse_target: torch.Tensor,
     blocks: Sequence,
     sources: Sequence[torch.Tensor],
-    lses: Sequence[torch.Tensor] | None,
+    lses: Sequence[torch.Tensor],
     *,
     num_heads: int,
     segments: tuple[int, ...],
     dilations: tuple[int, ...],
-    group: int = 1,
+    block_t: Optional[int] = None,
+    num_warps: int = 4,
 ) -> None:
-    """Write into ``target (b, m, H_t, D)`` (a strided view is fine, unit stride in D) the merged
-    (``lses`` given: also into ``lse_target (b, m, H_t)`` float32) or summed block rows.
+    """Write into ``target (b, m, h, D)`` (a strided view is fine, unit stride in D) and
+    ``lse_target (b, m, h)`` (float32) the blocks' outputs merged by their log-sum-exps.
 
-    ``sources[i]`` is block ``i``'s kernel-layout tensor ``(B, H', L, D)``; ``lses[i]`` its ``(B, H', L)``.
-    ``group``: query heads per target head (key/value gradients under GQA).
+    ``sources[i]`` is block ``i``'s kernel-layout output ``(B, H', L, D)`` and ``lses[i]`` its LSE
+    ``(B, H', L)``. ``block_t`` (rows per program) and ``num_warps`` are the launch's tile settings.
     """
     b, m_len, h_t, d = target.shape
     dev = target.device
     pat, head = _tables(blocks, num_heads, m_len, segments, dilations)
     sources = [s if s.stride(-1) == 1 else s.contiguous() for s in sources]
-    weighted = lses is not None
-    lses = [x.float() for x in lses] if weighted else sources
+    lses = [x.float() for x in lses]
     nb = len(sources)
     # every table in one int64 buffer, copied without blocking the host (a blocking copy would drain
     # the queue of block kernels before each gather)
@@ -83,15 +81,12 @@ def gather_blocks(
     src_tab, src_strides = packed[:nb], packed[nb : 4 * nb]
     lse_tab, lse_strides = packed[4 * nb : 5 * nb], packed[5 * nb : 8 * nb]
     pat_t, head_t = packed[8 * nb : 8 * nb + 3 * len(pat)], packed[8 * nb + 3 * len(pat) :]
-    if weighted:
-        lse_out, s_l = lse_target, lse_target.stride()
-    else:
-        lse_out, s_l = target, (0, 0, 0)
     block_d = max(16, 1 << (d - 1).bit_length())
-    block_t = 32 if block_d <= 128 else 16
+    if block_t is None:
+        block_t = 64 if block_d <= 128 else 32
     grid = ((m_len + block_t - 1) // block_t, h_t, b)
     _kernel()[grid](
-        target, lse_out, src_tab, src_strides, lse_tab, lse_strides, pat_t, head_t,
-        m_len, num_heads, len(segments), d, *target.stride()[:3], *s_l,
-        WEIGHTED=weighted, GROUP=group, BLOCK_T=block_t, BLOCK_D=block_d,
+        target, lse_target, src_tab, src_strides, lse_tab, lse_strides, pat_t, head_t,
+        m_len, num_heads, d, *target.stride()[:3], *lse_target.stride(),
+        NUM_PATTERNS=len(segments), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )

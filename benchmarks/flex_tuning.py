@@ -1,0 +1,121 @@
+"""FlexAttention kernel options for block-sparse attention: forward+backward time per option set.
+
+bf16, h = 16, d = 128, block 128, ~10% density random per-head layout (as in block_sparse_bench.py).
+For each option set it checks the output against the default options' output (same math, so only
+rounding differs), then times forward, and forward+backward, next to dense cuDNN SDPA. The option sets
+are FlexAttention's ``kernel_options`` (``fwd_``/``bwd_`` prefixes apply to one pass).
+
+    python benchmarks/flex_tuning.py --out results/flex --sizes 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dilated_attention_pytorch.bench.measure import measure
+from dilated_attention_pytorch.block_sparse import layout_density, random_layout
+from dilated_attention_pytorch.block_sparse.flex import flex_block_sparse_attention, layout_block_mask
+
+OPTION_SETS = {
+    "default": {},
+    "tma": {"USE_TMA": True},
+    "fwd128x128w8s2": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2},
+    "fwd128x128w8s2+tma": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2,
+                           "USE_TMA": True},
+    "fwd128x64w4s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
+    "bwd64x128w8s2": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
+                      "bwd_num_warps": 8, "bwd_num_stages": 2},
+    "bwd64x64w4s3": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                     "bwd_num_warps": 4, "bwd_num_stages": 3},
+    "bwd128x128w8s2": {"bwd_BLOCK_M1": 128, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 128,
+                       "bwd_num_warps": 8, "bwd_num_stages": 2},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sizes", type=int, nargs="+", default=[65536])
+    p.add_argument("--sets", nargs="+", default=list(OPTION_SETS), choices=list(OPTION_SETS))
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=200.0, help="start no new measurement after this")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("flex_tuning.py needs a CUDA GPU")
+    for name in ("recompile_limit", "cache_size_limit"):  # one compiled kernel per option set and size
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    a.out.mkdir(parents=True, exist_ok=True)
+    start, rows = time.perf_counter(), []
+    b, h, d, bs = 1, 16, a.head_dim, 128
+    dev = torch.device("cuda")
+    for n in a.sizes:
+        nb = n // bs
+        layout = random_layout(nb, 0.1 - 1.0 / nb, num_heads=h, seed=0, device="cuda")
+        density = layout_density(layout)
+        block_mask = layout_block_mask(layout, n, bs, False)
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        g = torch.randn_like(q)
+        qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+
+        def dense() -> None:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+            out.backward(g.transpose(1, 2))
+
+        dense_ms, _ = measure(dense, dev, 1, a.repeats)
+        ref = None
+        for name in a.sets:
+            if time.perf_counter() - start > a.budget_s:
+                rows.append(dict(n=n, options=name, skipped="time budget spent"))
+                continue
+            opts = OPTION_SETS[name]
+
+            def fwd() -> torch.Tensor:
+                with torch.no_grad():
+                    return flex_block_sparse_attention(q, k, v, block_mask, scale=d**-0.5, kernel_options=opts)[0]
+
+            def fwdbwd() -> None:
+                for t in (q, k, v):
+                    t.grad = None
+                out, _ = flex_block_sparse_attention(q, k, v, block_mask, scale=d**-0.5, kernel_options=opts)
+                out.backward(g)
+
+            rec = dict(n=n, d=d, options=name, kernel_options=opts, density=density, dense_fwdbwd_ms=dense_ms)
+            try:
+                t0 = time.perf_counter()
+                fwdbwd()
+                torch.cuda.synchronize()
+                rec["compile_s"] = time.perf_counter() - t0
+                out = fwd().float()
+                ref = out if ref is None else ref
+                rec["rel_diff_vs_default"] = ((out - ref).norm() / ref.norm()).item()
+                rec["fwd_ms"], _ = measure(fwd, dev, 1, a.repeats)
+                rec["fwdbwd_ms"], rec["peak_bytes"] = measure(fwdbwd, dev, 1, a.repeats)
+                rec["time_ratio"] = rec["fwdbwd_ms"] / dense_ms
+                rec["per_block_ratio"] = density / rec["time_ratio"]
+            except (RuntimeError, ValueError) as err:  # compile errors (e.g. too much shared memory): recorded
+                rec["error"] = f"{type(err).__name__}: {err}"[:500]
+            rows.append(rec)
+            print(json.dumps({k: v for k, v in rec.items() if k != "kernel_options"}), flush=True)
+            (a.out / f"flex_tuning-d{d}.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                                    torch=torch.__version__, rows=rows), indent=1))
+    print("| n | d | options | fwd ms | fwd+bwd ms | dense fwd+bwd ms | time ratio | per-block ratio | rel diff |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "fwdbwd_ms" in r:
+            print(f"| {r['n']} | {d} | {r['options']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | {r['dense_fwdbwd_ms']:.1f} "
+                  f"| {r['time_ratio']:.4f} | {r['per_block_ratio']:.3f} | {r['rel_diff_vs_default']:.1e} |")
+        else:
+            print(f"| {r['n']} | {d} | {r['options']} | {r.get('error') or r.get('skipped')} |")
+
+
+if __name__ == "__main__":
+    main()
