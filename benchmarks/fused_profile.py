@@ -133,7 +133,7 @@ def gather_sweep(n: int, repeats: int) -> list[dict]:
     out, lse_out = torch.empty_like(q), torch.empty(b, n, h, device="cuda")
     bytes_moved = sum(o.numel() * o.element_size() for o in outs) + out.numel() * out.element_size()
     rows, ref = [], None
-    for block_t, warps in ((None, 4), (32, 4), (64, 8), (128, 8), (32, 2)):
+    for block_t, warps in ((None, 4), (16, 4), (64, 4), (64, 8), (32, 8)):
         fn = lambda: gather_blocks(out, lse_out, blocks, outs, lses, num_heads=h, segments=segs,  # noqa: E731
                                    dilations=rs, block_t=block_t, num_warps=warps)
         fn()

@@ -40,13 +40,12 @@ def _offset(strides, bid, ok, row_b, hpos, row_k):
 @triton.jit
 def gather_kernel(
     out_ptr, lse_out_ptr, src_tab, src_strides, lse_tab, lse_strides, pat_tab, head_tab,
-    m_len, num_heads, head_dim,
+    m_len, num_heads, num_patterns, head_dim,
     s_ob, s_ot, s_oh, s_lb, s_lt, s_lh,
-    NUM_PATTERNS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One pass over the patterns with a running maximum (as in online softmax): for each pattern
-    that covers the row, its LSE and output row are read once; the loop is unrolled so that the loads
-    of all patterns are in flight together."""
+    """Two passes over the patterns, each a loop (not unrolled: a pattern's row pointers alone fill
+    the registers): the merged LSE from the patterns' LSEs, then the weighted sum of their rows."""
     pid_t = tl.program_id(0)
     jt = tl.program_id(1)
     bb = tl.program_id(2)
@@ -57,24 +56,27 @@ def gather_kernel(
     elem = out_ptr.dtype.element_ty
     mx = tl.full([BLOCK_T], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for i in tl.static_range(NUM_PATTERNS):
+    for i in range(num_patterns):  # pass 1: merged log-sum-exp over the covering patterns
         ok, bid, row_b, hpos, row_k = _locate(t, t_ok, bb, i, jt, pat_tab, head_tab, num_heads)
-        lbase = tl.load(lse_tab + bid, mask=ok, other=0).to(tl.pointer_type(tl.float32))
-        lse = tl.load(lbase + _offset(lse_strides, bid, ok, row_b, hpos, row_k), mask=ok, other=float("-inf"))
-        base = tl.load(src_tab + bid, mask=ok, other=0).to(tl.pointer_type(elem))
-        offs = _offset(src_strides, bid, ok, row_b, hpos, row_k)
-        rows = tl.load((base + offs)[:, None] + dd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        base = tl.load(lse_tab + bid, mask=ok, other=0).to(tl.pointer_type(tl.float32))
+        lse = tl.load(base + _offset(lse_strides, bid, ok, row_b, hpos, row_k), mask=ok, other=float("-inf"))
         new_mx = tl.maximum(mx, lse)
         safe = tl.where(new_mx == float("-inf"), 0.0, new_mx)
-        alpha = tl.exp(mx - safe)  # 0 while nothing covered the row
-        beta = tl.exp(lse - safe)  # 0 where this pattern does not cover it
-        total = total * alpha + beta
-        acc = acc * alpha[:, None] + rows.to(tl.float32) * beta[:, None]
+        total = total * tl.exp(mx - safe) + tl.exp(lse - safe)
         mx = new_mx
     safe = tl.where(mx == float("-inf"), 0.0, mx)
     big_l = safe + tl.log(total)  # -inf where no pattern covers the row
-    acc = acc / tl.where(total > 0, total, 1.0)[:, None]
+    big_l_safe = tl.where(total > 0, big_l, 0.0)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for i in range(num_patterns):  # pass 2: the weighted sum of the covering rows
+        ok, bid, row_b, hpos, row_k = _locate(t, t_ok, bb, i, jt, pat_tab, head_tab, num_heads)
+        base = tl.load(src_tab + bid, mask=ok, other=0).to(tl.pointer_type(elem))
+        offs = _offset(src_strides, bid, ok, row_b, hpos, row_k)
+        rows = tl.load((base + offs)[:, None] + dd[None, :], mask=ok[:, None] & d_ok[None, :],
+                       other=0.0).to(tl.float32)
+        lbase = tl.load(lse_tab + bid, mask=ok, other=0).to(tl.pointer_type(tl.float32))
+        lse = tl.load(lbase + _offset(lse_strides, bid, ok, row_b, hpos, row_k), mask=ok, other=float("-inf"))
+        acc += rows * tl.exp(lse - big_l_safe)[:, None]
     t64 = t.to(tl.int64)
     o_ptrs = out_ptr + bb.to(tl.int64) * s_ob + t64[:, None] * s_ot + jt * s_oh + dd[None, :]
     tl.store(o_ptrs, acc.to(elem), mask=t_ok[:, None] & d_ok[None, :])

@@ -83,10 +83,10 @@ def gather_blocks(
     pat_t, head_t = packed[8 * nb : 8 * nb + 3 * len(pat)], packed[8 * nb + 3 * len(pat) :]
     block_d = max(16, 1 << (d - 1).bit_length())
     if block_t is None:
-        block_t = 64 if block_d <= 128 else 32
+        block_t = 32 if block_d <= 128 else 16
     grid = ((m_len + block_t - 1) // block_t, h_t, b)
     _kernel()[grid](
         target, lse_target, src_tab, src_strides, lse_tab, lse_strides, pat_t, head_t,
-        m_len, num_heads, d, *target.stride()[:3], *lse_target.stride(),
-        NUM_PATTERNS=len(segments), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        m_len, num_heads, len(segments), d, *target.stride()[:3], *lse_target.stride(),
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )
