@@ -36,6 +36,15 @@ OPTION_SETS = {
     "bwd128x128w8s2": {"bwd_BLOCK_M1": 128, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 128,
                        "bwd_num_warps": 8, "bwd_num_stages": 2},
 }
+_HOPPER = OPTION_SETS["fwd128x128w8s2+tma"]
+OPTION_SETS.update({
+    "fwd128x128w8s2+fwdtma": {k: v for k, v in _HOPPER.items() if k != "USE_TMA"} | {"fwd_USE_TMA": True},
+    "fwd128x128w8s3+tma": _HOPPER | {"fwd_num_stages": 3},
+    "fwd128x128w8s2+tma+bwds4": _HOPPER | {"bwd_num_stages": 4},
+    "fwd128x128w8s2+tma+bwdw4": _HOPPER | {"bwd_num_warps": 4},
+    "fwd128x128w8s2+tma+bwd64x128w8s3": _HOPPER | {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                                  "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 3},
+})
 
 
 def main() -> None:
