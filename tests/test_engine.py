@@ -79,6 +79,9 @@ MERGE_CASES = [
     (37, 6, 3, (8, 16, 32), (1, 2, 4), "torchscale", True),
     (20, 4, 4, (8,), (2,), "group", False),  # rows nobody covers
     (3, 4, 1, (8, 16), (4, 8), "paper", False),  # n < r
+    (150, 4, 2, (48, 100), (3, 5), "paper", False),  # segments longer than the merge's 32 tokens per
+    # program, not multiples of it: one segment boundary inside a program's tokens, w % r != 0
+    (200, 6, 6, (64, 40, 200), (1, 4, 7), "torchscale", False),  # a tail, both branches of the merge
 ]
 
 
