@@ -171,8 +171,8 @@ def main() -> None:
     for r in sweep:
         print(f"gather-merge alone, BLOCK_T {r['block_t']}, {r['num_warps']} warps: {r['ms']:.3f} ms, "
               f"{r['tb_per_s']:.2f} TB/s of block outputs read + output written; equal to default: {r['equal_to_default']}")
-    print(f"| version | case | chunk | mode | wall ms | host ms | gpu ms | attention | gather | other | kernels "
-          f"| ceiling ms | × ceiling |")
+    print("| version | case | chunk | mode | wall ms | host ms | gpu ms | attention | gather | other | kernels "
+          "| ceiling ms | × ceiling |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {a.label} | {r['case']} | {r['chunk']} | {r['mode']} | {r['wall_ms']:.2f} | {r['host_ms']:.2f} | "

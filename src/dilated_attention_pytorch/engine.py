@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -211,14 +211,6 @@ def _view(x: torch.Tensor, block: Block, heads: HeadIndex) -> torch.Tensor:
     seg = x.narrow(1, span.start, span.count * span.segment).unflatten(1, (span.count, span.rows, r))
     seg = seg.unflatten(4, (x.shape[2] // r, r)).select(4, block.diag_m)  # (b, count, rows, r_o, r_h, ...)
     return seg.diagonal(dim1=3, dim2=4).movedim(-1, 3)  # (b, count, rows, r, ...): head o has offset o
-
-
-def _add_view(target: torch.Tensor, block: Block, heads: HeadIndex, src: torch.Tensor) -> None:
-    """The block's rows and heads of ``target`` += ``src (b, count, rows, H', ...)``."""
-    if block.diag_m is None:
-        _add_heads(_rows(target, block), heads, src)
-    else:
-        _view(target, block, heads).add_(src)
 
 
 def _write_view(target: torch.Tensor, block: Block, heads: HeadIndex, src: torch.Tensor) -> None:
