@@ -274,6 +274,7 @@ def main() -> None:
     save()
     if rank == 0:
         print(f"wrote {path} in {report['elapsed_s']:.0f} s", flush=True)
+    dist.barrier()  # no rank tears its groups down while another still exchanges
     dist.destroy_process_group()
 
 

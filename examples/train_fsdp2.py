@@ -134,6 +134,7 @@ def main() -> None:
         dist.all_reduce(total, group=sp_group)  # for the log only: mean over the whole sequence
         if rank == 0:
             print(f"step {step}: loss {total.item() / world:.4f}  ({time.perf_counter() - t0:.2f} s)", flush=True)
+    dist.barrier()  # no rank tears its groups down while another still exchanges (gloo aborted at exit)
     dist.destroy_process_group()
 
 

@@ -132,3 +132,52 @@ def test_backward_in_pieces_matches_reference(case):
         ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("n,h,h_kv", [(96, 8, 8), (70, 6, 2), (5, 4, 4)])
+def test_remembered_views_equal_the_view_chains(n, h, h_kv):
+    """A view chain remembered as one ``as_strided`` gives the chain's tensor (values and strides) on
+    other tensors of the same shape and stride: other storage, other storage offsets (later chunks),
+    non-contiguous inputs; chains that copy (GQA head lists) are rebuilt each time."""
+    from dilated_attention_pytorch.engine import _block_tensor, _piece_tensor, _to_kernel, _view, _views, plan_blocks
+
+    ws, rs = (16, 32, 12), (1, 4, 3)
+    blocks = plan_blocks(n, h, h_kv, tuple(min(w, n) for w in ws), rs, "paper", False, diagonal_blocks=h == h_kv)
+    remembered = len(_views._specs)
+    for trial in range(4):  # the first call of a layout builds and remembers, the second uses the memo
+        base = torch.randn(1, n + 7, h_kv, 16)
+        x = base[:, 7 - trial :][:, :n] if trial < 2 else torch.randn(1, h_kv, n, 16).transpose(1, 2)
+        for block in blocks:
+            for index in (block.kv_heads, block.heads)[: 1 if h != h_kv else 2]:
+                got, want = _block_tensor(x, block, index), _to_kernel(_view(x, block, index))
+                assert got.shape == want.shape and got.stride() == want.stride()
+                assert torch.equal(got, want)
+                piece = (0, block.span.count, 0, len(block.head_list(h)))
+                got_p = _piece_tensor(x, block, index, piece)
+                want_p = _to_kernel(_view(x, block, index)[:, 0 : piece[1], :, 0 : piece[3]])
+                assert torch.equal(got_p, want_p)
+    assert len(_views._specs) > remembered  # the memo was used, not only the chains
+
+
+def test_chunks_of_a_batch_run_on_views_of_the_inputs():
+    """A chunked sequence with several batch entries runs one entry per chunk, so that every block
+    kernel reads strided views of q, k, v (no gather copies), and the result is still exact."""
+    seen = []
+
+    class Recording(CpuFlashKernel):
+        def forward(self, q, k, v, **kw):
+            seen.append(all(t.untyped_storage().data_ptr() == s for t, s in zip((q, k, v), storages)))
+            return super().forward(q, k, v, **kw)
+
+    n, ws, rs = 96, (16, 32), (1, 2)
+    q, k, v = rand_qkv(3, n, 4, 4, 8)
+    storages = [t.untyped_storage().data_ptr() for t in (q, k, v)]
+    opts = EngineOptions(ws, rs, "paper", False, True, 0.3, 0.0, Recording(), chunk_tokens=32)
+    out, lse = run_engine(q, k, v, None, opts)
+    assert seen and all(seen)
+    ref, ref_lse = reference_dilated_attention(q, k, v, ws, rs, is_causal=True, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(lse.transpose(1, 2), ref_lse, atol=1e-10, rtol=0)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)

@@ -283,10 +283,15 @@ class EngineOptions:
     rng_states: dict = field(default_factory=dict)  # (chunk, block) -> the kernel's random state
 
 
-def _chunks(n: int, opts: EngineOptions):
-    for c0, c1 in chunk_bounds(n, opts.segment_lengths, opts.chunk_tokens):
-        segments = tuple(min(w, c1 - c0) for w in opts.segment_lengths)
-        yield c0, c1, segments
+def _chunks(b: int, n: int, opts: EngineOptions):
+    """(batch rows, c0, c1, effective segments) of each chunk. A chunk of part of the sequence is run
+    one batch entry at a time: with several, its segments are not evenly spaced in memory (the batch
+    stride spans the whole sequence), and every block's rows would be copied instead of viewed."""
+    bounds = chunk_bounds(n, opts.segment_lengths, opts.chunk_tokens)
+    rows = [slice(0, b)] if b == 1 or len(bounds) == 1 else [slice(i, i + 1) for i in range(b)]
+    for bs in rows:
+        for c0, c1 in bounds:
+            yield bs, c0, c1, tuple(min(w, c1 - c0) for w in opts.segment_lengths)
 
 
 def _forward_chunk(q, k, v, key_valid, opts: EngineOptions, segments, chunk: int, out_target, lse_target) -> None:
@@ -421,10 +426,10 @@ class _EngineFunction(torch.autograd.Function):
         b, n, h, d = q.shape
         out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, n, h, dtype=acc_dtype(q.dtype), device=q.device)
-        for ci, (c0, c1, segments) in enumerate(_chunks(n, opts)):
-            kv_c = None if key_valid is None else key_valid[:, c0:c1]
-            _forward_chunk(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], kv_c, opts, segments, ci,
-                           out[:, c0:c1], lse[:, c0:c1])
+        for ci, (bs, c0, c1, segments) in enumerate(_chunks(b, n, opts)):
+            kv_c = None if key_valid is None else key_valid[bs, c0:c1]
+            _forward_chunk(q[bs, c0:c1], k[bs, c0:c1], v[bs, c0:c1], kv_c, opts, segments, ci,
+                           out[bs, c0:c1], lse[bs, c0:c1])
         ctx.save_for_backward(q, k, v, key_valid, out, lse)
         ctx.opts = opts
         ctx.set_materialize_grads(False)
@@ -442,12 +447,12 @@ class _EngineFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # each chunk writes all of its rows
-        for ci, (c0, c1, segments) in enumerate(_chunks(q.shape[1], opts)):
+        for ci, (bs, c0, c1, segments) in enumerate(_chunks(q.shape[0], q.shape[1], opts)):
             sl = slice(c0, c1)
             _backward_chunk(
-                dout[:, sl], q[:, sl], k[:, sl], v[:, sl], out[:, sl], lse[:, sl],
-                None if key_valid is None else key_valid[:, sl], None if dlse is None else dlse[:, sl],
-                opts, segments, ci, kernel, (dq[:, sl], dk[:, sl], dv[:, sl]),
+                dout[bs, sl], q[bs, sl], k[bs, sl], v[bs, sl], out[bs, sl], lse[bs, sl],
+                None if key_valid is None else key_valid[bs, sl], None if dlse is None else dlse[bs, sl],
+                opts, segments, ci, kernel, (dq[bs, sl], dk[bs, sl], dv[bs, sl]),
             )
         return dq, dk, dv, None, None
 
