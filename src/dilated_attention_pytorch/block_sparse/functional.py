@@ -100,7 +100,10 @@ def block_sparse_attention(
             kernels over the active tiles, any device and dtype) or ``"flex"`` (CUDA).
 
     Rows that see no key get zeros, LSE ``-inf`` and no gradient. Layout-derived metadata (index plans,
-    block masks) is cached in :data:`~dilated_attention_pytorch.block_sparse.cache.METADATA_CACHE`.
+    block masks) is cached in :data:`~dilated_attention_pytorch.block_sparse.cache.METADATA_CACHE`,
+    keyed by the layout's content; that content hash is kept while the layout tensor is unchanged by
+    PyTorch's version counter. Edit a layout in place only through PyTorch ops (``layout[i] = ...``,
+    ``copy_``): writes through ``.data``, DLPack or a NumPy view are not seen — pass a new tensor.
     """
     V.check_qkv(query, key, value)
     block_size = V.check_int("block_size", block_size)
