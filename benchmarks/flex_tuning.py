@@ -44,7 +44,30 @@ OPTION_SETS.update({
     "fwd128x128w8s2+tma+bwdw4": _HOPPER | {"bwd_num_warps": 4},
     "fwd128x128w8s2+tma+bwd64x128w8s3": _HOPPER | {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
                                                   "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 3},
+    # every row of the layout has a key block (the diagonal): the kernel may skip its empty-row guards
+    "hopper+safe": _HOPPER | {"ROWS_GUARANTEED_SAFE": True},
+    # q scaled once before the loop instead of every score tile (q rounded to bf16 after scaling)
+    "hopper+prescale": _HOPPER | {"PRESCALE_QK": True},
+    "hopper+safe+prescale": _HOPPER | {"ROWS_GUARANTEED_SAFE": True, "PRESCALE_QK": True},
+    "hopper+bwd32x128w4s3": _HOPPER | {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                       "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3},
+    "hopper+bwd64x128w8s3-dq128": _HOPPER | {"bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 128},
+    "hopper+bwd5stages": _HOPPER | {"bwd_num_stages": 5},
 })
+
+
+def kernel_times(fn) -> dict:
+    """GPU milliseconds by kernel name over one call (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    times: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[ev.name[:80]] = times.get(ev.name[:80], 0.0) + ev.device_time / 1e3
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
 def main() -> None:
@@ -55,12 +78,19 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=200.0, help="start no new measurement after this")
+    p.add_argument("--max-autotune", action="store_true",
+                   help="let the compiler time its own tile configurations (it prints its table to stderr)")
+    p.add_argument("--profile", action="store_true", help="also record GPU time by kernel of one fwd+bwd call")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("flex_tuning.py needs a CUDA GPU")
     for name in ("recompile_limit", "cache_size_limit"):  # one compiled kernel per option set and size
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
+    if a.max_autotune:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.max_autotune = True
     a.out.mkdir(parents=True, exist_ok=True)
     start, rows = time.perf_counter(), []
     b, h, d, bs = 1, 16, a.head_dim, 128
@@ -110,6 +140,8 @@ def main() -> None:
                 rec["fwdbwd_ms"], rec["peak_bytes"] = measure(fwdbwd, dev, 1, a.repeats)
                 rec["time_ratio"] = rec["fwdbwd_ms"] / dense_ms
                 rec["per_block_ratio"] = density / rec["time_ratio"]
+                if a.profile:
+                    rec["kernels_ms"] = kernel_times(fwdbwd)
             except (RuntimeError, ValueError) as err:  # compile errors (e.g. too much shared memory): recorded
                 rec["error"] = f"{type(err).__name__}: {err}"[:500]
             rows.append(rec)
