@@ -57,17 +57,47 @@ OPTION_SETS.update({
 
 
 def kernel_times(fn) -> dict:
-    """GPU milliseconds by kernel name over one call (torch.profiler)."""
+    """One call under torch.profiler: GPU milliseconds by kernel name, the window from the first kernel's
+    start to the last one's end, the GPU's idle time inside it, and the host's busiest operators."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     times: dict = {}
+    spans = []
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             times[ev.name[:80]] = times.get(ev.name[:80], 0.0) + ev.device_time / 1e3
-    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+            spans.append((ev.time_range.start, ev.time_range.end))
+    spans.sort()
+    idle, reach = 0.0, spans[0][1]
+    for s, e in spans[1:]:
+        idle += max(0.0, s - reach)
+        reach = max(reach, e)
+    host = sorted(prof.key_averages(), key=lambda e: -e.cpu_time_total)[:8]
+    return dict(by_kernel=dict(sorted(times.items(), key=lambda kv: -kv[1])),
+                window_ms=(reach - spans[0][0]) / 1e3, idle_ms=idle / 1e3,
+                host_ops_ms={e.key[:60]: e.cpu_time_total / 1e3 for e in host})
+
+
+def host_times(q, k, v, g, block_mask, d, opts, calls: int = 5) -> dict:
+    """Host milliseconds to issue the forward call and the backward call (no synchronisation inside)."""
+    fwd, bwd = [], []
+    for _ in range(calls):
+        for t in (q, k, v):
+            t.grad = None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out, _ = flex_block_sparse_attention(q, k, v, block_mask, scale=d**-0.5, kernel_options=opts)
+        t1 = time.perf_counter()
+        out.backward(g)
+        t2 = time.perf_counter()
+        torch.cuda.synchronize()
+        fwd.append((t1 - t0) * 1e3)
+        bwd.append((t2 - t1) * 1e3)
+    return dict(host_fwd_ms=sorted(fwd)[calls // 2], host_bwd_ms=sorted(bwd)[calls // 2])
 
 
 def main() -> None:
@@ -142,6 +172,7 @@ def main() -> None:
                 rec["per_block_ratio"] = density / rec["time_ratio"]
                 if a.profile:
                     rec["kernels_ms"] = kernel_times(fwdbwd)
+                    rec.update(host_times(q, k, v, g, block_mask, d, opts))
             except (RuntimeError, ValueError) as err:  # compile errors (e.g. too much shared memory): recorded
                 rec["error"] = f"{type(err).__name__}: {err}"[:500]
             rows.append(rec)

@@ -93,10 +93,24 @@ def default_kernel_options(query: torch.Tensor) -> Optional[dict]:
     return None
 
 
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any, scale: float,
+            kernel_options: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention on (b, n, h, d) tensors. The layout changes sit inside the compiled graph, so that
+    its output is a contiguous (b, n, h, d) tensor and the incoming gradient (the same layout) is used
+    as it is, not first copied into FlexAttention's (b, h, n, d) order."""
+    flex = _flex_module()
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    out, aux = flex.flex_attention(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        return_aux=flex.AuxRequest(lse=True), kernel_options=kernel_options,
+    )
+    return out.transpose(1, 2), aux.lse
+
+
 @functools.cache
-def _compiled_flex_attention() -> Callable:
-    """``torch.compile(flex_attention)``, built on first use and held."""
-    return torch.compile(_flex_module().flex_attention, dynamic=False)
+def _compiled_attend() -> Callable:
+    """``torch.compile`` of :func:`_attend`, built on first use and held."""
+    return torch.compile(_attend, dynamic=False)
 
 
 def flex_block_sparse_attention(
@@ -106,11 +120,5 @@ def flex_block_sparse_attention(
     """-> (out (b, n, h, d), lse (b, h, n) float32). ``block_mask`` from :func:`layout_block_mask`;
     ``kernel_options`` are FlexAttention's (tile sizes, warps, stages), default
     :func:`default_kernel_options`."""
-    flex = _flex_module()
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (b, h, n, d)
-    out, aux = _compiled_flex_attention()(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-        return_aux=flex.AuxRequest(lse=True),
-        kernel_options=default_kernel_options(query) if kernel_options is None else kernel_options,
-    )
-    return out.transpose(1, 2), aux.lse
+    return _compiled_attend()(query, key, value, block_mask, scale,
+                              default_kernel_options(query) if kernel_options is None else kernel_options)
