@@ -100,6 +100,32 @@ def host_times(q, k, v, g, block_mask, d, opts, calls: int = 5) -> dict:
     return dict(host_fwd_ms=sorted(fwd)[calls // 2], host_bwd_ms=sorted(bwd)[calls // 2])
 
 
+def host_profile(fn, path: Path, calls: int = 20) -> None:
+    """cProfile of ``calls`` forward+backward calls (synchronised after each), written as text by own
+    time and by cumulative time, and a Chrome trace of one more call beside it."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    pr = cProfile.Profile()
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        pr.enable()
+        fn()
+        pr.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(pr, stream=text).sort_stats(order).print_stats(40)
+    path.write_text(text.getvalue())
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(path.with_suffix(".trace.json")))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -111,6 +137,8 @@ def main() -> None:
     p.add_argument("--max-autotune", action="store_true",
                    help="let the compiler time its own tile configurations (it prints its table to stderr)")
     p.add_argument("--profile", action="store_true", help="also record GPU time by kernel of one fwd+bwd call")
+    p.add_argument("--host-profile", action="store_true",
+                   help="also write a cProfile text and a Chrome trace of the host side, per option set")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("flex_tuning.py needs a CUDA GPU")
@@ -173,6 +201,8 @@ def main() -> None:
                 if a.profile:
                     rec["kernels_ms"] = kernel_times(fwdbwd)
                     rec.update(host_times(q, k, v, g, block_mask, d, opts))
+                if a.host_profile:
+                    host_profile(fwdbwd, a.out / f"host-{name}.txt")
             except (RuntimeError, ValueError) as err:  # compile errors (e.g. too much shared memory): recorded
                 rec["error"] = f"{type(err).__name__}: {err}"[:500]
             rows.append(rec)
