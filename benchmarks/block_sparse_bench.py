@@ -1,11 +1,12 @@
 """Block-sparse attention on one GPU: correctness first, then time against dense cuDNN attention.
 
 1. Correctness at small sizes against the dense float64 masked reference (forward, LSE, gradients,
-   including through the LSE) for the FlexAttention path and the portable path, in bf16; the error must
+   including through the LSE) for the Triton, FlexAttention and portable paths, in bf16; the error must
    stay within 2x that of dense masked SDPA in bf16 (plus a small floor).
 2. bf16, h=16, d=128, block 128, ~10% density random per-head layout, n = 64K and 256K: forward+backward
-   time of ``block_sparse_attention`` (FlexAttention path) against dense cuDNN SDPA
-   (``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)``), and TF/s per active block against the dense kernel's.
+   time of ``block_sparse_attention`` (the backend "auto" picks, and FlexAttention) against dense cuDNN
+   SDPA (``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)``), and TF/s per active block against the dense
+   kernel's.
 
 Writes ``block_sparse_bench.json`` under --out. Meant to finish in under 4 minutes on one H200.
 
@@ -23,7 +24,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dilated_attention_pytorch.bench.measure import measure
-from dilated_attention_pytorch.block_sparse import METADATA_CACHE, block_sparse_attention, layout_density, random_layout
+from dilated_attention_pytorch.block_sparse import (
+    METADATA_CACHE,
+    block_sparse_attention,
+    block_sparse_backend,
+    layout_density,
+    random_layout,
+)
 from dilated_attention_pytorch.block_sparse.flex import flex_block_sparse_attention, layout_block_mask
 from dilated_attention_pytorch.block_sparse.reference import layout_to_token_mask, reference_block_sparse_attention
 
@@ -110,8 +117,12 @@ def bench_size(n, warmup, repeats) -> dict:
             out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
         out.backward(gt)
 
-    def sparse_api() -> None:  # the public function: layout hash + cached block mask + compiled flex
+    def sparse_api() -> None:  # the public function: layout hash, cached metadata, the backend "auto" picks
         out = block_sparse_attention(q, k, v, layout, block_size=bs)
+        out.backward(g)
+
+    def sparse_flex_api() -> None:  # the public function on FlexAttention
+        out = block_sparse_attention(q, k, v, layout, block_size=bs, backend="flex")
         out.backward(g)
 
     block_mask = layout_block_mask(layout, n, bs, False)
@@ -124,12 +135,14 @@ def bench_size(n, warmup, repeats) -> dict:
     sparse_kernel()  # compile (first call for this shape)
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
-    rec = dict(n=n, b=b, h=h, d=d, block_size=bs, density=density, compile_s=compile_s)
+    rec = dict(n=n, b=b, h=h, d=d, block_size=bs, density=density, compile_s=compile_s,
+               api_backend=block_sparse_backend(q, bs))
     rec["dense_cudnn_ms"], rec["dense_peak_bytes"] = measure(dense, torch.device("cuda"), warmup, repeats)
     rec["sparse_api_ms"], rec["sparse_peak_bytes"] = measure(sparse_api, torch.device("cuda"), warmup, repeats)
     rec["sparse_kernel_ms"], _ = measure(sparse_kernel, torch.device("cuda"), warmup, repeats)
+    rec["sparse_flex_api_ms"], _ = measure(sparse_flex_api, torch.device("cuda"), warmup, repeats)
     dense_tf = flops_fwd_bwd(b, h, n, d, 1.0) / (rec["dense_cudnn_ms"] * 1e-3) / 1e12
-    for name in ("sparse_api", "sparse_kernel"):
+    for name in ("sparse_api", "sparse_kernel", "sparse_flex_api"):
         tf = flops_fwd_bwd(b, h, n, d, density) / (rec[f"{name}_ms"] * 1e-3) / 1e12
         rec[f"{name}_time_ratio"] = rec[f"{name}_ms"] / rec["dense_cudnn_ms"]
         rec[f"{name}_tflops_active"] = tf
@@ -162,6 +175,8 @@ def main() -> None:
         (1000, 16, 16, False, "flex", False),  # n % block != 0
         (1024, 16, 4, True, "flex", False),  # GQA, causal
         (1000, 16, 16, False, "flex", True),  # gradient through the LSE
+        (1000, 16, 16, False, "triton", True),  # n % block != 0, LSE gradient
+        (1024, 16, 4, True, "triton", False),  # GQA, causal
         (1000, 16, 4, True, "portable", True),  # n % block != 0 (masked last tile), LSE gradient
         (1024, 16, 4, True, "portable", False),  # fused CUDA kernels per tile group
     ]

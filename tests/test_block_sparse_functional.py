@@ -154,7 +154,7 @@ def test_validation_errors():
     with pytest.raises(TypeError, match="is_causal must be a bool"):
         block_sparse_attention(q, k, v, ok, block_size=4, is_causal=1)
     with pytest.raises(ValueError, match="backend must be one of"):
-        block_sparse_attention(q, k, v, ok, block_size=4, backend="triton")
+        block_sparse_attention(q, k, v, ok, block_size=4, backend="cutlass")
     with pytest.raises(ValueError, match="backend='flex' cannot run these inputs: runs on cuda only"):
         block_sparse_attention(q, k, v, ok, block_size=4, backend="flex")
 

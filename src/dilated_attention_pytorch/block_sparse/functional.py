@@ -15,10 +15,11 @@ from .cache import METADATA_CACHE, layout_digest, tensor_bytes
 from .flex import flex_block_sparse_attention, flex_reasons, layout_block_mask
 from .plan import BlockPlan, build_plan
 from .portable import portable_block_sparse_attention
+from .triton_path import layout_lists, triton_block_sparse_attention, triton_reasons
 
 __all__ = ["BACKENDS", "block_sparse_attention", "block_sparse_backend", "check_layout", "plan_for_layout"]
 
-BACKENDS = ("auto", "portable", "flex")
+BACKENDS = ("auto", "portable", "flex", "triton")
 
 
 def check_layout(layout, num_heads: int, seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
@@ -59,17 +60,30 @@ def _flex_mask(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: b
     )
 
 
+def _triton_lists(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: bool):
+    key = ("triton", layout_digest(layout), tuple(layout.shape), seq_len, block_size, is_causal, str(layout.device))
+    return METADATA_CACHE.get_or_create(
+        key, lambda: layout_lists(layout, seq_len, block_size, is_causal), tensor_bytes
+    )
+
+
+_REASONS = {"flex": flex_reasons, "triton": triton_reasons}
+
+
 def block_sparse_backend(query: torch.Tensor, block_size: int, backend: str = "auto") -> str:
-    """The backend that runs these inputs: ``"flex"`` when it has no reasons against it, else ``"portable"``."""
+    """The backend that runs these inputs. ``"auto"``: on a GPU the Triton kernels, else FlexAttention,
+    whichever has no reasons against it; else ``"portable"``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, but got {backend!r}")
-    if backend == "flex":
-        reasons = flex_reasons(query, block_size)
+    if backend in _REASONS:
+        reasons = _REASONS[backend](query, block_size)
         if reasons:
-            raise ValueError(f"backend='flex' cannot run these inputs: {'; '.join(reasons)}")
-        return "flex"
-    if backend == "auto":
-        return "portable" if flex_reasons(query, block_size) else "flex"
+            raise ValueError(f"backend={backend!r} cannot run these inputs: {'; '.join(reasons)}")
+        return backend
+    if backend == "auto" and query.device.type == "cuda":
+        for name in ("triton", "flex"):
+            if not _REASONS[name](query, block_size):
+                return name
     return "portable"
 
 
@@ -96,8 +110,10 @@ def block_sparse_attention(
         is_causal: also require ``u <= t``.
         scale: score scale, default ``d ** -0.5``.
         return_lse: also return the log-sum-exp ``(b, h, n)`` (float32; float64 for float64 inputs).
-        backend: ``"auto"`` (FlexAttention where it runs, else portable), ``"portable"`` (batched aten
-            kernels over the active tiles, any device and dtype) or ``"flex"`` (CUDA).
+        backend: ``"auto"`` (on a GPU the Triton kernels where they run, else FlexAttention, else
+            portable), ``"triton"`` (our kernels: CUDA, or the CPU under ``TRITON_INTERPRET=1``;
+            float16/bfloat16), ``"flex"`` (FlexAttention, CUDA) or ``"portable"`` (batched aten kernels
+            over the active tiles, any device and dtype).
 
     Rows that see no key get zeros, LSE ``-inf`` and no gradient. Layout-derived metadata (index plans,
     block masks) is cached in :data:`~dilated_attention_pytorch.block_sparse.cache.METADATA_CACHE`,
@@ -115,7 +131,12 @@ def block_sparse_attention(
     if scale is None:
         scale = d**-0.5
     chosen = block_sparse_backend(query, block_size, backend)
-    if chosen == "flex":
+    if chosen == "triton":
+        out, lse = triton_block_sparse_attention(
+            query, key, value, _triton_lists(layout, n, block_size, is_causal), block_size=block_size,
+            is_causal=is_causal, scale=scale,
+        )
+    elif chosen == "flex":
         out, lse = flex_block_sparse_attention(
             query, key, value, _flex_mask(layout, n, block_size, is_causal), scale=scale
         )

@@ -115,7 +115,7 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
 class BlockSparseRingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     """Multi-head block-sparse attention (MAGNETO layout, as :class:`MultiheadDilatedAttention`) over
     :class:`BlockSparseRingDilatedAttention`. Extra keyword arguments: ``sparse_config``,
-    ``block_size``; ``backend`` is the block-sparse backend (``"auto"``, ``"portable"``, ``"flex"``)."""
+    ``block_size``; ``backend`` is the block-sparse backend (``"auto"``, ``"portable"``, ``"flex"``, ``"triton"``)."""
 
     def __init__(
         self,

@@ -1,0 +1,134 @@
+"""Tile settings of the Triton block-sparse kernels: forward and forward+backward time per setting,
+next to FlexAttention on the same block mask and dense cuDNN SDPA, all in one run.
+
+bf16, h = 16, d = 128, block 128, ~10% density random per-head layout (as in block_sparse_bench.py).
+Each setting's output is checked against FlexAttention's (same math, rounding differs).
+
+    python benchmarks/triton_tuning.py --out results/triton --sizes 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dilated_attention_pytorch.bench.measure import measure
+from dilated_attention_pytorch.block_sparse import layout_density, random_layout
+from dilated_attention_pytorch.block_sparse.flex import flex_block_sparse_attention, layout_block_mask
+from dilated_attention_pytorch.block_sparse.triton_path import (
+    TileSettings,
+    layout_lists,
+    tile_settings,
+    triton_block_sparse_attention,
+)
+
+# (fwd_m, fwd_n, fwd_warps, fwd_stages, bwd_m1, bwd_n1, bwd_m2, bwd_n2, bwd_warps, bwd_stages)
+SETTINGS = {
+    "default": None,
+    "fwd-s3": (128, 128, 8, 3, 64, 128, 128, 64, 8, 3),
+    "fwd-128x64-s3": (128, 64, 8, 3, 64, 128, 128, 64, 8, 3),
+    "bwd-s2": (128, 128, 8, 2, 64, 128, 128, 64, 8, 2),
+    "bwd-w4": (128, 128, 8, 2, 64, 128, 128, 64, 4, 3),
+    "bwd-64x64": (128, 128, 8, 2, 64, 64, 64, 64, 4, 3),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sizes", type=int, nargs="+", default=[65536])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--no-tma", action="store_true", help="load through pointers, not tensor descriptors")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=200.0, help="start no new measurement after this")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("triton_tuning.py needs a CUDA GPU")
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    start, rows = time.perf_counter(), []
+    b, h, d, bs = 1, 16, 128, 128
+    dev = torch.device("cuda")
+    for n in a.sizes:
+        nb = n // bs
+        layout = random_layout(nb, 0.1 - 1.0 / nb, num_heads=h, seed=0, device="cuda")
+        density = layout_density(layout)
+        block_mask = layout_block_mask(layout, n, bs, False)
+        lists = layout_lists(layout, n, bs, False)
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        g = torch.randn_like(q)
+        qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+
+        def dense() -> None:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+            out.backward(g.transpose(1, 2))
+
+        def runner(attend):
+            def fwd() -> torch.Tensor:
+                with torch.no_grad():
+                    return attend()[0]
+
+            def fwdbwd() -> None:
+                for t in (q, k, v):
+                    t.grad = None
+                attend()[0].backward(g)
+
+            return fwd, fwdbwd
+
+        dense_ms, _ = measure(dense, dev, 1, a.repeats)
+        flex_fwd, flex_fwdbwd = runner(lambda: flex_block_sparse_attention(q, k, v, block_mask, scale=d**-0.5))
+        ref = flex_fwd().float()
+        flex_fwdbwd()
+        ref_grads = [t.grad.float() for t in (q, k, v)]
+        rec = dict(n=n, d=d, setting="flex", density=density, dense_fwdbwd_ms=dense_ms)
+        rec["fwd_ms"], _ = measure(flex_fwd, dev, 1, a.repeats)
+        rec["fwdbwd_ms"], _ = measure(flex_fwdbwd, dev, 1, a.repeats)
+        rows.append(rec)
+        print(json.dumps(rec), flush=True)
+        for name in a.settings:
+            if time.perf_counter() - start > a.budget_s:
+                rows.append(dict(n=n, setting=name, skipped="time budget spent"))
+                continue
+            tiles = tile_settings(d, dev) if SETTINGS[name] is None else TileSettings(*SETTINGS[name])
+            fwd, fwdbwd = runner(lambda: triton_block_sparse_attention(
+                q, k, v, lists, block_size=bs, is_causal=False, scale=d**-0.5, use_tma=not a.no_tma, tiles=tiles))
+            rec = dict(n=n, d=d, setting=name, tiles=tiles.__dict__, density=density, dense_fwdbwd_ms=dense_ms)
+            try:
+                t0 = time.perf_counter()
+                fwdbwd()
+                torch.cuda.synchronize()
+                rec["compile_s"] = time.perf_counter() - t0
+                rec["grad_rel_diff_vs_flex"] = max(((t.grad.float() - r).norm() / r.norm()).item()
+                                                   for t, r in zip((q, k, v), ref_grads))
+                out = fwd().float()
+                rec["rel_diff_vs_flex"] = ((out - ref).norm() / ref.norm()).item()
+                rec["fwd_ms"], _ = measure(fwd, dev, 1, a.repeats)
+                rec["fwdbwd_ms"], rec["peak_bytes"] = measure(fwdbwd, dev, 1, a.repeats)
+            except (RuntimeError, ValueError, OutOfResources, CompilationError) as err:  # recorded, the sweep goes on
+                rec["error"] = f"{type(err).__name__}: {err}"[:500]
+            rows.append(rec)
+            print(json.dumps(rec), flush=True)
+        (a.out / "triton_tuning.json").write_text(json.dumps(dict(
+            device=torch.cuda.get_device_name(), torch=torch.__version__, tma=not a.no_tma, rows=rows), indent=1))
+    print("| n | setting | fwd ms | fwd+bwd ms | dense fwd+bwd ms | time ratio | per-block ratio | rel diff (out / grads) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "fwdbwd_ms" in r:
+            ratio = r["fwdbwd_ms"] / r["dense_fwdbwd_ms"]
+            diff = f"{r['rel_diff_vs_flex']:.1e} / {r['grad_rel_diff_vs_flex']:.1e}" if "rel_diff_vs_flex" in r else "-"
+            print(f"| {r['n']} | {r['setting']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | {r['dense_fwdbwd_ms']:.1f} "
+                  f"| {ratio:.4f} | {r['density'] / ratio:.3f} | {diff} |")
+        else:
+            print(f"| {r['n']} | {r['setting']} | {r.get('error') or r.get('skipped')} |")
+
+
+if __name__ == "__main__":
+    main()

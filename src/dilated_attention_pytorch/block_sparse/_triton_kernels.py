@@ -1,0 +1,249 @@
+"""Triton kernels of block-sparse attention: forward, the backward's row sums, and the backward.
+
+Imported only when the Triton path runs (it imports triton). Tensors are ``(b, n, heads, d)`` with
+unit stride in ``d``; LSE and the backward's row sums are ``(b, h, n)`` float32, contiguous.
+
+Each query tile walks the key blocks its layout row lists (each key tile of a key block in turn),
+with an online softmax in base 2; each key tile of the backward walks the query blocks that list its
+key block (the transposed layout). Lists come in two parts: *partial* blocks, whose tiles evaluate a
+token mask (the causal diagonal, keys past the end), and *full* blocks, whose tiles skip it.
+
+``USE_TMA`` loads tiles through host-made tensor descriptors (Hopper's bulk copy engine; rows past
+the end read as zeros); otherwise through masked pointer loads.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def _tile(ptr_or_desc, b, row0, head, n, stride_b, stride_n, stride_h, d,
+          ROWS: tl.constexpr, DP: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows ``row0 .. row0 + ROWS`` of ``[b, :, head, :]`` as a (ROWS, DP) tile; zeros past the ends."""
+    if USE_TMA:
+        return ptr_or_desc.load([b, row0, head, 0]).reshape(ROWS, DP)
+    else:
+        rows = row0 + tl.arange(0, ROWS)
+        cols = tl.arange(0, DP)
+        ptrs = ptr_or_desc + b * stride_b + head * stride_h + rows[:, None] * stride_n + cols[None, :]
+        return tl.load(ptrs, mask=(rows[:, None] < n) & (cols[None, :] < d), other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, value, b, row0, head, n, stride_b, stride_n, stride_h, d, ROWS: tl.constexpr, DP: tl.constexpr):
+    rows = row0 + tl.arange(0, ROWS)
+    cols = tl.arange(0, DP)
+    ptrs = ptr + b * stride_b + head * stride_h + rows[:, None] * stride_n + cols[None, :]
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=(rows[:, None] < n) & (cols[None, :] < d))
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, K, V, idx_ptr, num, b, hk, offs_m, n, d, qk_scale,
+               skb, skn, skh, svb, svn, svh,
+               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
+               SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+    TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_N
+    for i in tl.range(0, num * TILES):
+        start_n = tl.load(idx_ptr + i // TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_N
+        k = _tile(K, b, start_n, hk, n, skb, skn, skh, d, BLOCK_N, DP, USE_TMA)
+        v = _tile(V, b, start_n, hk, n, svb, svn, svh, d, BLOCK_N, DP, USE_TMA)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASK:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            ok = offs_n[None, :] < n
+            if IS_CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None])
+            qk = tl.where(ok, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def block_sparse_fwd(
+    Q, K, V, O, LSE,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
+    PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, s_num_h, s_idx_h, s_idx_r,
+    n, d, H, GROUP, LAYOUT_HEAD_STRIDE, qk_scale,
+    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
+    SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (batch, head). Writes O and the LSE (natural log)."""
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    hq = bh % H
+    hk = hq // GROUP
+    start_m = qt * BLOCK_M
+    row = start_m // SPARSE_BLOCK
+    lh = hq * LAYOUT_HEAD_STRIDE
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _tile(Q, b, start_m, hq, n, sqb, sqn, sqh, d, BLOCK_M, DP, USE_TMA)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
+    num = tl.load(PART_NUM + lh * s_num_h + row)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, PART_IDX + lh * s_idx_h + row * s_idx_r, num, b, hk, offs_m,
+                               n, d, qk_scale, skb, skn, skh, svb, svn, svh,
+                               True, IS_CAUSAL, BLOCK_N, DP, SPARSE_BLOCK, USE_TMA)
+    num = tl.load(FULL_NUM + lh * s_num_h + row)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, FULL_IDX + lh * s_idx_h + row * s_idx_r, num, b, hk, offs_m,
+                               n, d, qk_scale, skb, skn, skh, svb, svn, svh,
+                               False, IS_CAUSAL, BLOCK_N, DP, SPARSE_BLOCK, USE_TMA)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    _store_tile(O, acc / l_safe[:, None], b, start_m, hq, n, sob, son, soh, d, BLOCK_M, DP)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + bh * n + offs_m, lse, mask=offs_m < n)
+
+
+@triton.jit
+def block_sparse_row_sums(
+    O, DO, GLSE, DELTA, sob, son, soh, sdb, sdn, sdh, n, d, H,
+    HAS_GLSE: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr,
+):
+    """DELTA[b, h, t] = sum_d O * dO  (minus the LSE's incoming gradient, when there is one)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start = pid * BLOCK
+    o = _tile(O, b, start, h, n, sob, son, soh, d, BLOCK, DP, False).to(tl.float32)
+    do = _tile(DO, b, start, h, n, sdb, sdn, sdh, d, BLOCK, DP, False).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    offs = start + tl.arange(0, BLOCK)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + bh * n + offs, mask=offs < n, other=0.0)
+    tl.store(DELTA + bh * n + offs, delta, mask=offs < n)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, bh, offs_m, n):
+    """Base-2 LSE (+inf where a row is past the end or sees nothing: its probabilities become 0) and
+    the row sums."""
+    lse = tl.load(LSE + bh * n + offs_m, mask=offs_m < n, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * n + offs_m, mask=offs_m < n, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, idx_ptr, num, b, hq, bhq, offs_n, n, d, qk_scale,
+                sqb, sqn, sqh, sdb, sdn, sdh,
+                MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DP: tl.constexpr,
+                SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+    TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_M
+    for i in tl.range(0, num * TILES):
+        start_m = tl.load(idx_ptr + i // TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _tile(Q, b, start_m, hq, n, sqb, sqn, sqh, d, BLOCK_M, DP, USE_TMA)
+        do = _tile(DO, b, start_m, hq, n, sdb, sdn, sdh, d, BLOCK_M, DP, USE_TMA)
+        lse, delta = _row_stats(LSE, DELTA, bhq, offs_m, n)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (keys, queries)
+        if MASK:
+            ok = offs_n[:, None] < n
+            if IS_CAUSAL:
+                ok = ok & (offs_n[:, None] <= offs_m[None, :])
+            p_t = tl.where(ok, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, K, V, idx_ptr, num, b, hk, offs_m, n, d, qk_scale,
+              skb, skn, skh, svb, svn, svh,
+              MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
+              SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+    TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_N
+    for i in tl.range(0, num * TILES):
+        start_n = tl.load(idx_ptr + i // TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_N
+        k = _tile(K, b, start_n, hk, n, skb, skn, skh, d, BLOCK_N, DP, USE_TMA)
+        v = _tile(V, b, start_n, hk, n, svb, svn, svh, d, BLOCK_N, DP, USE_TMA)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        if MASK:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            ok = offs_n[None, :] < n
+            if IS_CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def block_sparse_bwd(
+    Q, K, V, DO, Q2, K2, V2, DO2, DQ, DK, DV, LSE, DELTA,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh,
+    sdqb, sdqn, sdqh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+    KV_PART_NUM, KV_PART_IDX, KV_FULL_NUM, KV_FULL_IDX,
+    Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r,
+    n, d, H, H_KV, GROUP, LAYOUT_HEAD_STRIDE, qk_scale, scale, KV_TILES, Q_TILES,
+    IS_CAUSAL: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
+    BLOCK_N2: tl.constexpr, DP: tl.constexpr, SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Programs ``0 .. KV_TILES``: dK, dV of BLOCK_N1 keys of one (batch, kv head), over the query
+    blocks (of every head in its group) that list their key block; then ``KV_TILES ..``: dQ of
+    BLOCK_M2 queries of one (batch, query head) over the key blocks its row lists. ``Q``, ``K``, ``V``,
+    ``DO`` are the first kind's operands (tiles of BLOCK_M1 / BLOCK_N1 rows), ``Q2 .. DO2`` the second's
+    (BLOCK_M2 / BLOCK_N2); without TMA both are the same pointers."""
+    pid = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    if pid < KV_TILES:
+        start_n = pid * BLOCK_N1
+        col = start_n // SPARSE_BLOCK
+        offs_n = start_n + tl.arange(0, BLOCK_N1)
+        k = _tile(K, b, start_n, hk, n, skb, skn, skh, d, BLOCK_N1, DP, USE_TMA)
+        v = _tile(V, b, start_n, hk, n, svb, svn, svh, d, BLOCK_N1, DP, USE_TMA)
+        dk = tl.zeros([BLOCK_N1, DP], tl.float32)
+        dv = tl.zeros([BLOCK_N1, DP], tl.float32)
+        for g in range(0, GROUP):
+            hq = hk * GROUP + g
+            bhq = b * H + hq
+            lh = hq * LAYOUT_HEAD_STRIDE
+            num = tl.load(Q_PART_NUM + lh * s_num_h + col)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, Q_PART_IDX + lh * s_idx_h + col * s_idx_r, num,
+                                 b, hq, bhq, offs_n, n, d, qk_scale, sqb, sqn, sqh, sdb, sdn, sdh,
+                                 True, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA)
+            num = tl.load(Q_FULL_NUM + lh * s_num_h + col)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, Q_FULL_IDX + lh * s_idx_h + col * s_idx_r, num,
+                                 b, hq, bhq, offs_n, n, d, qk_scale, sqb, sqn, sqh, sdb, sdn, sdh,
+                                 False, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA)
+        _store_tile(DK, dk * scale, b, start_n, hk, n, sdkb, sdkn, sdkh, d, BLOCK_N1, DP)
+        _store_tile(DV, dv, b, start_n, hk, n, sdvb, sdvn, sdvh, d, BLOCK_N1, DP)
+    else:
+        off = pid - KV_TILES
+        hq = hk * GROUP + off // Q_TILES
+        start_m = (off % Q_TILES) * BLOCK_M2
+        row = start_m // SPARSE_BLOCK
+        bhq = b * H + hq
+        lh = hq * LAYOUT_HEAD_STRIDE
+        offs_m = start_m + tl.arange(0, BLOCK_M2)
+        q = _tile(Q2, b, start_m, hq, n, sqb, sqn, sqh, d, BLOCK_M2, DP, USE_TMA)
+        do = _tile(DO2, b, start_m, hq, n, sdb, sdn, sdh, d, BLOCK_M2, DP, USE_TMA)
+        lse, delta = _row_stats(LSE, DELTA, bhq, offs_m, n)
+        dq = tl.zeros([BLOCK_M2, DP], tl.float32)
+        num = tl.load(KV_PART_NUM + lh * s_num_h + row)
+        dq = _dq_tiles(dq, q, do, lse, delta, K2, V2, KV_PART_IDX + lh * s_idx_h + row * s_idx_r, num, b, hk, offs_m,
+                       n, d, qk_scale, skb, skn, skh, svb, svn, svh,
+                       True, IS_CAUSAL, BLOCK_N2, DP, SPARSE_BLOCK, USE_TMA)
+        num = tl.load(KV_FULL_NUM + lh * s_num_h + row)
+        dq = _dq_tiles(dq, q, do, lse, delta, K2, V2, KV_FULL_IDX + lh * s_idx_h + row * s_idx_r, num, b, hk, offs_m,
+                       n, d, qk_scale, skb, skn, skh, svb, svn, svh,
+                       False, IS_CAUSAL, BLOCK_N2, DP, SPARSE_BLOCK, USE_TMA)
+        _store_tile(DQ, dq * scale, b, start_m, hq, n, sdqb, sdqn, sdqh, d, BLOCK_M2, DP)

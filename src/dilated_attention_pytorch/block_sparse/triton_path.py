@@ -1,0 +1,239 @@
+"""The Triton path: block-sparse kernels of our own, with an exact backward, launched straight from an
+``autograd.Function`` (no graph compiler between the call and the kernels).
+
+Time is proportional to the active blocks: each query tile walks the key blocks of its layout row and
+each key tile of the backward the query blocks of its layout column. The layout's lists (built once per
+layout and cached like every layout-derived structure) hold block indices only. On Hopper with aligned
+inputs the tiles are loaded through tensor descriptors (the bulk copy engine); elsewhere through
+pointer loads. The kernels also run on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check
+them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["TileSettings", "TritonLists", "layout_lists", "tile_settings", "triton_block_sparse_attention",
+           "triton_reasons"]
+
+TRITON_TILE = 128  # the layout's blocks must be whole multiples of the kernels' largest tile
+
+
+def triton_reasons(query: torch.Tensor, block_size: int) -> list[str]:
+    """Why the Triton path cannot run these inputs (empty: it can)."""
+    import importlib.util
+    import os
+
+    reasons = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("needs the triton package (pip install triton)")
+    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reasons.append(f"runs on cuda (or the CPU under TRITON_INTERPRET=1), inputs are on {query.device.type}")
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"needs float16 or bfloat16, inputs are {query.dtype}")
+    if block_size % TRITON_TILE != 0:
+        reasons.append(f"needs block_size a multiple of {TRITON_TILE} (its tile), got {block_size}")
+    if query.shape[-1] > 256:
+        reasons.append(f"needs head_dim <= 256, got {query.shape[-1]}")
+    return reasons
+
+
+@dataclass(frozen=True)
+class TritonLists:
+    """Per layout head (1 or h): for each query block, the key blocks it sees (``kv_*``), and for each
+    key block, the query blocks that see it (``q_*``); each split into *partial* blocks (a token mask
+    applies: the causal diagonal, the last key block when ``n % block_size != 0``) and *full* ones.
+    ``*_num`` are ``(H, nb)`` int32 counts; ``*_idx`` ``(H, nb, width)`` int32, ascending, all one width."""
+
+    kv_part_num: torch.Tensor
+    kv_part_idx: torch.Tensor
+    kv_full_num: torch.Tensor
+    kv_full_idx: torch.Tensor
+    q_part_num: torch.Tensor
+    q_part_idx: torch.Tensor
+    q_full_num: torch.Tensor
+    q_full_idx: torch.Tensor
+    active_blocks: int
+
+
+def layout_lists(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: bool) -> TritonLists:
+    """The kernels' block lists of a validated ``(H, nb, nb)`` bool layout."""
+    _, nb, _ = layout.shape
+    blocks = torch.arange(nb, device=layout.device)
+    active = layout.clone()
+    diagonal = torch.zeros_like(active)
+    if is_causal:
+        active &= blocks[None, None, :] <= blocks[None, :, None]
+        diagonal = active & (blocks[None, None, :] == blocks[None, :, None])
+    partial = diagonal.clone()
+    if seq_len % block_size:
+        partial[:, :, nb - 1] |= active[:, :, nb - 1]  # keys past the end are masked
+    full = active & ~partial
+    # a key tile needs its mask only on the causal diagonal (queries past the end add nothing)
+    q_partial, q_full = diagonal, active & ~diagonal
+    parts = [partial, full, q_partial.transpose(1, 2), q_full.transpose(1, 2)]
+    width = max(1, max(int(p.sum(-1).max()) for p in parts))
+    lists = []
+    for p in parts:
+        num = p.sum(-1, dtype=torch.int32)
+        idx = torch.argsort(p.to(torch.int8), dim=-1, descending=True, stable=True)[..., :width]
+        lists += [num.contiguous(), idx.to(torch.int32).contiguous()]
+    return TritonLists(*lists, active_blocks=int(active.sum()))
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """Launch settings: forward query/key tiles; backward key tile and its query tile (dK, dV), query
+    tile and its key tile (dQ); warps and pipeline stages of each kernel."""
+
+    fwd_m: int
+    fwd_n: int
+    fwd_warps: int
+    fwd_stages: int
+    bwd_m1: int
+    bwd_n1: int
+    bwd_m2: int
+    bwd_n2: int
+    bwd_warps: int
+    bwd_stages: int
+
+
+def tile_settings(head_dim: int, device: torch.device) -> TileSettings:
+    """Tiles by head dim (a 256-wide head needs smaller tiles to fit registers and shared memory)."""
+    if device.type != "cuda":  # the interpreter: small tiles keep CPU tests fast
+        return TileSettings(128, 128, 4, 1, 64, 128, 128, 64, 4, 1)
+    if head_dim <= 128:
+        return TileSettings(128, 128, 8, 2, 64, 128, 128, 64, 8, 3)
+    return TileSettings(64, 64, 4, 2, 64, 64, 64, 64, 4, 2)
+
+
+def _tma_ok(use_tma: Optional[bool], *tensors: torch.Tensor) -> bool:
+    """Whether to load through tensor descriptors: asked for (True), or by default (None) on Hopper or
+    later; either way they need a 16-byte aligned base and 16-byte multiples of strides."""
+    if use_tma is False:
+        return False
+    t0 = tensors[0]
+    if use_tma is None and (t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9):
+        return False
+    return all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+               for t in tensors)
+
+
+def _operand(t: torch.Tensor, rows: int, dp: int, use_tma: bool):
+    """A tensor descriptor over ``(b, n, heads, d)`` with ``(1, rows, 1, dp)`` boxes, or the tensor."""
+    if not use_tma:
+        return t
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, dp])
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(q, k, v, lists: TritonLists, block_size: int, is_causal: bool, scale: float, use_tma: Optional[bool],
+             ts: TileSettings):
+    from ._triton_kernels import block_sparse_fwd
+
+    b, n, h, d = q.shape
+    group = h // k.shape[2]
+    dp = max(16, 1 << (d - 1).bit_length())
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    use_tma = _tma_ok(use_tma, q, k, v)
+    layout_head = 1 if lists.kv_full_num.shape[0] > 1 else 0
+    grid = (_cdiv(n, ts.fwd_m), b * h)
+    block_sparse_fwd[grid](
+        _operand(q, ts.fwd_m, dp, use_tma), _operand(k, ts.fwd_n, dp, use_tma), _operand(v, ts.fwd_n, dp, use_tma),
+        out, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        lists.kv_part_num, lists.kv_part_idx, lists.kv_full_num, lists.kv_full_idx,
+        lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
+        n, d, h, group, layout_head, scale * math.log2(math.e),
+        IS_CAUSAL=is_causal, BLOCK_M=ts.fwd_m, BLOCK_N=ts.fwd_n, DP=dp, SPARSE_BLOCK=block_size, USE_TMA=use_tma,
+        num_warps=ts.fwd_warps, num_stages=ts.fwd_stages,
+    )
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int, is_causal: bool, scale: float,
+              use_tma: Optional[bool], ts: TileSettings):
+    from ._triton_kernels import block_sparse_bwd, block_sparse_row_sums
+
+    b, n, h, d = q.shape
+    h_kv = k.shape[2]
+    group = h // h_kv
+    dp = max(16, 1 << (d - 1).bit_length())
+    dout = _unit_last(dout)
+    delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    glse = dlse.contiguous() if dlse is not None else delta
+    rows = 64
+    block_sparse_row_sums[(_cdiv(n, rows), b * h)](
+        out, dout, glse, delta, *out.stride()[:3], *dout.stride()[:3], n, d, h,
+        HAS_GLSE=dlse is not None, BLOCK=rows, DP=dp,
+    )
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    use_tma = _tma_ok(use_tma, q, k, v, dout)
+    kv_tiles, q_tiles = _cdiv(n, ts.bwd_n1), _cdiv(n, ts.bwd_m2)
+    layout_head = 1 if lists.kv_full_num.shape[0] > 1 else 0
+    block_sparse_bwd[(kv_tiles + group * q_tiles, b * h_kv)](
+        _operand(q, ts.bwd_m1, dp, use_tma), _operand(k, ts.bwd_n1, dp, use_tma),
+        _operand(v, ts.bwd_n1, dp, use_tma), _operand(dout, ts.bwd_m1, dp, use_tma),
+        _operand(q, ts.bwd_m2, dp, use_tma), _operand(k, ts.bwd_n2, dp, use_tma),
+        _operand(v, ts.bwd_n2, dp, use_tma), _operand(dout, ts.bwd_m2, dp, use_tma),
+        dq, dk, dv, lse, delta,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        lists.kv_part_num, lists.kv_part_idx, lists.kv_full_num, lists.kv_full_idx,
+        lists.q_part_num, lists.q_part_idx, lists.q_full_num, lists.q_full_idx,
+        lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
+        n, d, h, h_kv, group, layout_head, scale * math.log2(math.e), scale, kv_tiles, q_tiles,
+        IS_CAUSAL=is_causal, BLOCK_M1=ts.bwd_m1, BLOCK_N1=ts.bwd_n1, BLOCK_M2=ts.bwd_m2, BLOCK_N2=ts.bwd_n2,
+        DP=dp, SPARSE_BLOCK=block_size, USE_TMA=use_tma, num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
+    )
+    return dq, dk, dv
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _BlockSparseTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lists, block_size, is_causal, scale, use_tma, tiles):
+        q, k, v = (_unit_last(x) for x in (q, k, v))
+        out, lse = _forward(q, k, v, lists, block_size, is_causal, scale, use_tma, tiles)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.settings = (lists, block_size, is_causal, scale, use_tma, tiles)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, *ctx.settings)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def triton_block_sparse_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lists: TritonLists, *, block_size: int,
+    is_causal: bool, scale: float, use_tma: Optional[bool] = None, tiles: Optional[TileSettings] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out (b, n, h, d), lse (b, h, n) float32). ``lists`` from :func:`layout_lists`. ``use_tma``:
+    load tiles through tensor descriptors — None: on Hopper or later; True: also elsewhere (the
+    interpreter); either only where the inputs are aligned for them; False: never. ``tiles``: launch
+    settings, default :func:`tile_settings`."""
+    if tiles is None:
+        tiles = tile_settings(query.shape[-1], query.device)
+    if block_size % max(tiles.fwd_m, tiles.fwd_n, tiles.bwd_m1, tiles.bwd_n1, tiles.bwd_m2, tiles.bwd_n2):
+        raise ValueError(f"block_size ({block_size}) must be a multiple of every tile of {tiles}")
+    return _BlockSparseTriton.apply(query, key, value, lists, block_size, is_causal, scale, use_tma, tiles)

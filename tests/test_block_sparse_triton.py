@@ -1,0 +1,132 @@
+"""The Triton block-sparse kernels against the float64 reference: forward, LSE, gradients (through the
+LSE too), awkward shapes, GQA, causal, empty rows, both load paths (pointers and tensor descriptors).
+
+Without a GPU the kernels run in Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``) in float16:
+the interpreter's bfloat16 matmul is broken (it returns garbage for ``tl.dot`` on bfloat16), so
+bfloat16 runs only on a GPU. The error bound: within 2x that of plain dense masked SDPA in the same
+dtype, against the same float64 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import rand_qkv, rel_err
+
+pytest.importorskip("triton")
+
+from dilated_attention_pytorch.block_sparse import block_sparse_attention  # noqa: E402
+from dilated_attention_pytorch.block_sparse.reference import (  # noqa: E402
+    layout_to_token_mask,
+    reference_block_sparse_attention,
+)
+from dilated_attention_pytorch.block_sparse.triton_path import (  # noqa: E402
+    layout_lists,
+    triton_block_sparse_attention,
+    triton_reasons,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def plain_attention(q, k, v, layout, block_size, causal):
+    """The SPEC formula in plain PyTorch ops in the inputs' dtype -> (out, lse); rows that see nothing
+    give zeros and LSE -inf."""
+    n, h, d = q.shape[1], q.shape[2], q.shape[3]
+    group = h // k.shape[2]
+    mask = layout_to_token_mask(layout, n, block_size, h, causal)[None]
+    qt, kt, vt = q.transpose(1, 2), k.repeat_interleave(group, 2).transpose(1, 2), v.repeat_interleave(group, 2).transpose(1, 2)
+    scores = torch.where(mask, (qt @ kt.transpose(-1, -2)) * d**-0.5, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return (probs @ vt).transpose(1, 2), lse
+
+
+CASES = [  # n, h, h_kv, d, causal, block_size, layout heads (h or 1), use_tma, gradient through the LSE
+    (300, 2, 1, 16, False, 128, "h", False, False),  # n % block != 0, GQA
+    (300, 2, 1, 16, True, 128, "h", True, True),  # causal, tensor descriptors, LSE gradient
+    (384, 3, 3, 24, True, 256, "1", False, False),  # head_dim not a power of 2, 2 tiles per block, shared layout
+    (200, 4, 2, 40, False, 256, "h", True, True),  # n < block, padded head dim through descriptors
+    (1, 1, 1, 16, True, 128, "h", False, True),  # n = 1
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,h,h_kv,d,causal,bs,lh,use_tma,lse_grad", CASES)
+def test_matches_reference(dtype, n, h, h_kv, d, causal, bs, lh, use_tma, lse_grad):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    nb = -(-n // bs)
+    layout = torch.rand(h if lh == "h" else 1, nb, nb, generator=gen) < 0.6
+    layout[:, range(nb), range(nb)] |= torch.rand(layout.shape[0], nb, generator=gen) < 0.8
+    if nb > 1:
+        layout[0, nb - 1] = False  # a row of blocks that sees nothing
+    layout = layout.to(DEVICE)
+    q, k, v = rand_qkv(1, n, h, h_kv, d, device=DEVICE, generator=gen)
+    ref, ref_lse = reference_block_sparse_attention(q, k, v, layout, block_size=bs, is_causal=causal)
+    fin = torch.isfinite(ref_lse)
+    g_out, g_lse = torch.randn_like(ref), torch.randn_like(ref_lse)
+
+    def loss_of(out, lse):
+        loss = (out.double() * g_out).sum()
+        return loss + (torch.where(fin, lse.double(), 0.0) * g_lse).sum() if lse_grad else loss
+
+    ref_grads = torch.autograd.grad(loss_of(ref, ref_lse), (q, k, v))
+    ql, kl, vl = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out, lse = triton_block_sparse_attention(ql, kl, vl, layout_lists(layout, n, bs, causal), block_size=bs,
+                                             is_causal=causal, scale=d**-0.5, use_tma=use_tma)
+    grads = torch.autograd.grad(loss_of(out, lse), (ql, kl, vl))
+    qp, kp, vp = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    plain, plain_lse = plain_attention(qp, kp, vp, layout, bs, causal)
+    plain_grads = torch.autograd.grad(loss_of(plain, plain_lse), (qp, kp, vp))
+
+    assert out.shape == (1, n, h, d) and lse.shape == (1, h, n) and lse.dtype == torch.float32
+    assert rel_err(out, ref) <= 2 * rel_err(plain, ref) + 1e-4
+    assert (lse.double() - ref_lse)[fin].abs().max() <= 2 * (plain_lse.double() - ref_lse)[fin].abs().max() + 1e-3
+    assert torch.isneginf(lse[~fin]).all() and (out.transpose(1, 2)[~fin] == 0).all()
+    for g, r, p in zip(grads, ref_grads, plain_grads):
+        assert torch.isfinite(g).all()
+        assert rel_err(g, r) <= 2 * rel_err(p, r) + 1e-4
+
+
+def test_through_the_public_function():
+    n, h, bs = 256, 2, 128
+    layout = (torch.rand(h, 2, 2) < 0.7).to(DEVICE)
+    q, k, v = rand_qkv(2, n, h, h, 32, dtype=torch.float16, device=DEVICE)
+    out = block_sparse_attention(q, k, v, layout, block_size=bs, backend="triton")
+    ref, _ = reference_block_sparse_attention(q, k, v, layout, block_size=bs)
+    assert rel_err(out, ref) < 2e-3
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_lists_split_full_and_partial_blocks():
+    layout = torch.rand(3, 5, 5) < 0.5
+    lists = layout_lists(layout, 5 * 128 - 7, 128, True)
+    i, j = torch.arange(5)[:, None], torch.arange(5)[None, :]
+    active = layout & (j <= i)
+
+    def dense(num, idx):
+        out = torch.zeros(3, 5, 5, dtype=torch.bool)
+        for hh in range(3):
+            for r in range(5):
+                out[hh, r, idx[hh, r, : num[hh, r]].long()] = True
+        return out
+
+    partial = active & ((j == i) | (j == 4))  # the diagonal, and the last key block (its keys end early)
+    assert torch.equal(dense(lists.kv_part_num, lists.kv_part_idx), partial)
+    assert torch.equal(dense(lists.kv_full_num, lists.kv_full_idx), active & ~partial)
+    assert torch.equal(dense(lists.q_part_num, lists.q_part_idx), (active & (j == i)).transpose(1, 2))
+    assert torch.equal(dense(lists.q_full_num, lists.q_full_idx), (active & (j != i)).transpose(1, 2))
+    assert lists.active_blocks == int(active.sum())
+
+
+def test_reasons():
+    q = torch.randn(1, 8, 2, 300, dtype=torch.float32)
+    reasons = triton_reasons(q, 64)
+    assert any("float16 or bfloat16" in r for r in reasons)
+    assert any("multiple of 128" in r for r in reasons) and any("head_dim <= 256" in r for r in reasons)
+    with pytest.raises(ValueError, match="backend='triton' cannot run these inputs: needs float16 or bfloat16"):
+        block_sparse_attention(q[..., :16], q[..., :16], q[..., :16], torch.ones(1, 1, 1, dtype=torch.bool),
+                               block_size=128, backend="triton")
