@@ -21,6 +21,7 @@ from dilated_attention_pytorch.bench.measure import measure
 from dilated_attention_pytorch.block_sparse import layout_density, random_layout
 from dilated_attention_pytorch.block_sparse.flex import flex_block_sparse_attention, layout_block_mask
 from dilated_attention_pytorch.block_sparse.triton_path import (
+    LOADS,
     TileSettings,
     layout_lists,
     tile_settings,
@@ -38,12 +39,27 @@ SETTINGS = {
 }
 
 
+def kernel_times(fn) -> dict:
+    """GPU milliseconds by kernel name over one call (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    times: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[ev.name[:60]] = times.get(ev.name[:60], 0.0) + ev.device_time / 1e3
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sizes", type=int, nargs="+", default=[65536])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--no-tma", action="store_true", help="load through pointers, not tensor descriptors")
+    p.add_argument("--loads", nargs="+", default=["auto"], choices=["auto", *LOADS],
+                   help="how the kernels load tiles (each setting runs with each)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=200.0, help="start no new measurement after this")
     a = p.parse_args()
@@ -93,14 +109,16 @@ def main() -> None:
         rec["fwdbwd_ms"], _ = measure(flex_fwdbwd, dev, 1, a.repeats)
         rows.append(rec)
         print(json.dumps(rec), flush=True)
-        for name in a.settings:
+        for name, loads in [(s, ld) for s in a.settings for ld in a.loads]:
             if time.perf_counter() - start > a.budget_s:
-                rows.append(dict(n=n, setting=name, skipped="time budget spent"))
+                rows.append(dict(n=n, setting=name, loads=loads, skipped="time budget spent"))
                 continue
             tiles = tile_settings(d, dev) if SETTINGS[name] is None else TileSettings(*SETTINGS[name])
             fwd, fwdbwd = runner(lambda: triton_block_sparse_attention(
-                q, k, v, lists, block_size=bs, is_causal=False, scale=d**-0.5, use_tma=not a.no_tma, tiles=tiles))
-            rec = dict(n=n, d=d, setting=name, tiles=tiles.__dict__, density=density, dense_fwdbwd_ms=dense_ms)
+                q, k, v, lists, block_size=bs, is_causal=False, scale=d**-0.5,
+                loads=None if loads == "auto" else loads, tiles=tiles))
+            rec = dict(n=n, d=d, setting=f"{name} {loads}", tiles=tiles.__dict__, density=density,
+                       dense_fwdbwd_ms=dense_ms)
             try:
                 t0 = time.perf_counter()
                 fwdbwd()
@@ -112,12 +130,13 @@ def main() -> None:
                 rec["rel_diff_vs_flex"] = ((out - ref).norm() / ref.norm()).item()
                 rec["fwd_ms"], _ = measure(fwd, dev, 1, a.repeats)
                 rec["fwdbwd_ms"], rec["peak_bytes"] = measure(fwdbwd, dev, 1, a.repeats)
+                rec["kernels_ms"] = kernel_times(fwdbwd)
             except (RuntimeError, ValueError, OutOfResources, CompilationError) as err:  # recorded, the sweep goes on
                 rec["error"] = f"{type(err).__name__}: {err}"[:500]
             rows.append(rec)
             print(json.dumps(rec), flush=True)
         (a.out / "triton_tuning.json").write_text(json.dumps(dict(
-            device=torch.cuda.get_device_name(), torch=torch.__version__, tma=not a.no_tma, rows=rows), indent=1))
+            device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), indent=1))
     print("| n | setting | fwd ms | fwd+bwd ms | dense fwd+bwd ms | time ratio | per-block ratio | rel diff (out / grads) |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -44,18 +44,21 @@ def plain_attention(q, k, v, layout, block_size, causal):
     return (probs @ vt).transpose(1, 2), lse
 
 
-CASES = [  # n, h, h_kv, d, causal, block_size, layout heads (h or 1), use_tma, gradient through the LSE
-    (300, 2, 1, 16, False, 128, "h", False, False),  # n % block != 0, GQA
-    (300, 2, 1, 16, True, 128, "h", True, True),  # causal, tensor descriptors, LSE gradient
-    (384, 3, 3, 24, True, 256, "1", False, False),  # head_dim not a power of 2, 2 tiles per block, shared layout
-    (200, 4, 2, 40, False, 256, "h", True, True),  # n < block, padded head dim through descriptors
-    (1, 1, 1, 16, True, 128, "h", False, True),  # n = 1
+CASES = [  # b, n, h, h_kv, d, causal, block_size, layout heads (h or 1), loads, gradient through the LSE
+    (1, 300, 2, 1, 16, False, 128, "h", "pointers", False),  # n % block != 0, GQA
+    (1, 300, 2, 1, 16, True, 128, "h", "descriptors-4d", True),  # causal, 4-d descriptors, LSE gradient
+    (1, 384, 3, 3, 24, True, 256, "1", "pointers", False),  # head_dim not a power of 2, 2 tiles per block
+    (1, 200, 4, 2, 40, False, 256, "h", "descriptors-4d", True),  # n < block, padded head dim
+    (1, 1, 1, 1, 16, True, 128, "h", "pointers", True),  # n = 1
+    (1, 300, 2, 2, 32, True, 128, "h", "descriptors-2d", True),  # 2-d descriptors, tail past the end
+    (2, 256, 4, 2, 16, False, 128, "1", "descriptors-2d", False),  # 2-d descriptors over two batch entries
+    (2, 200, 2, 1, 16, True, 128, "h", None, True),  # batch with a tail: the best loads allowed
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,h,h_kv,d,causal,bs,lh,use_tma,lse_grad", CASES)
-def test_matches_reference(dtype, n, h, h_kv, d, causal, bs, lh, use_tma, lse_grad):
+@pytest.mark.parametrize("b,n,h,h_kv,d,causal,bs,lh,loads,lse_grad", CASES)
+def test_matches_reference(dtype, b, n, h, h_kv, d, causal, bs, lh, loads, lse_grad):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     nb = -(-n // bs)
     layout = torch.rand(h if lh == "h" else 1, nb, nb, generator=gen) < 0.6
@@ -63,7 +66,7 @@ def test_matches_reference(dtype, n, h, h_kv, d, causal, bs, lh, use_tma, lse_gr
     if nb > 1:
         layout[0, nb - 1] = False  # a row of blocks that sees nothing
     layout = layout.to(DEVICE)
-    q, k, v = rand_qkv(1, n, h, h_kv, d, device=DEVICE, generator=gen)
+    q, k, v = rand_qkv(b, n, h, h_kv, d, device=DEVICE, generator=gen)
     ref, ref_lse = reference_block_sparse_attention(q, k, v, layout, block_size=bs, is_causal=causal)
     fin = torch.isfinite(ref_lse)
     g_out, g_lse = torch.randn_like(ref), torch.randn_like(ref_lse)
@@ -75,13 +78,13 @@ def test_matches_reference(dtype, n, h, h_kv, d, causal, bs, lh, use_tma, lse_gr
     ref_grads = torch.autograd.grad(loss_of(ref, ref_lse), (q, k, v))
     ql, kl, vl = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
     out, lse = triton_block_sparse_attention(ql, kl, vl, layout_lists(layout, n, bs, causal), block_size=bs,
-                                             is_causal=causal, scale=d**-0.5, use_tma=use_tma)
+                                             is_causal=causal, scale=d**-0.5, loads=loads)
     grads = torch.autograd.grad(loss_of(out, lse), (ql, kl, vl))
     qp, kp, vp = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
     plain, plain_lse = plain_attention(qp, kp, vp, layout, bs, causal)
     plain_grads = torch.autograd.grad(loss_of(plain, plain_lse), (qp, kp, vp))
 
-    assert out.shape == (1, n, h, d) and lse.shape == (1, h, n) and lse.dtype == torch.float32
+    assert out.shape == (b, n, h, d) and lse.shape == (b, h, n) and lse.dtype == torch.float32
     assert rel_err(out, ref) <= 2 * rel_err(plain, ref) + 1e-4
     assert (lse.double() - ref_lse)[fin].abs().max() <= 2 * (plain_lse.double() - ref_lse)[fin].abs().max() + 1e-3
     assert torch.isneginf(lse[~fin]).all() and (out.transpose(1, 2)[~fin] == 0).all()
@@ -122,11 +125,20 @@ def test_lists_split_full_and_partial_blocks():
     assert lists.active_blocks == int(active.sum())
 
 
+def test_loads_errors():
+    q = torch.randn(2, 200, 2, 24, dtype=torch.float16, device=DEVICE)
+    lists = layout_lists(torch.ones(1, 2, 2, dtype=torch.bool, device=DEVICE), 200, 128, False)
+    with pytest.raises(ValueError, match="loads must be None or one of"):
+        triton_block_sparse_attention(q, q, q, lists, block_size=128, is_causal=False, scale=1.0, loads="tma")
+    with pytest.raises(ValueError, match="loads='descriptors-2d' is not possible for these inputs"):
+        triton_block_sparse_attention(q, q, q, lists, block_size=128, is_causal=False, scale=1.0, loads="descriptors-2d")
+
+
 def test_reasons():
     q = torch.randn(1, 8, 2, 300, dtype=torch.float32)
     reasons = triton_reasons(q, 64)
     assert any("float16 or bfloat16" in r for r in reasons)
     assert any("multiple of 128" in r for r in reasons) and any("head_dim <= 256" in r for r in reasons)
-    with pytest.raises(ValueError, match="backend='triton' cannot run these inputs: needs float16 or bfloat16"):
+    with pytest.raises(ValueError, match="backend='triton' cannot run these inputs: .*needs float16 or bfloat16"):
         block_sparse_attention(q[..., :16], q[..., :16], q[..., :16], torch.ones(1, 1, 1, dtype=torch.bool),
                                block_size=128, backend="triton")

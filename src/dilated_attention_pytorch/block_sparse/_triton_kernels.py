@@ -8,8 +8,10 @@ with an online softmax in base 2; each key tile of the backward walks the query 
 key block (the transposed layout). Lists come in two parts: *partial* blocks, whose tiles evaluate a
 token mask (the causal diagonal, keys past the end), and *full* blocks, whose tiles skip it.
 
-``USE_TMA`` loads tiles through host-made tensor descriptors (Hopper's bulk copy engine; rows past
-the end read as zeros); otherwise through masked pointer loads.
+``USE_TMA`` picks how tiles are loaded: 0 masked pointer loads; 1 host-made 4-d tensor descriptors over
+``(b, n, heads, d)`` (Hopper's bulk copy engine; rows past the end read as zeros); 2 2-d descriptors
+over the ``(b * n, heads * d)`` view, whose tiles need no reshape (only where ``d`` is the tile width
+and no tile crosses from one batch entry into the next).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import triton.language as tl
 def _tile(ptr_or_desc, b, row0, head, n, stride_b, stride_n, stride_h, d,
           ROWS: tl.constexpr, DP: tl.constexpr, USE_TMA: tl.constexpr):
     """Rows ``row0 .. row0 + ROWS`` of ``[b, :, head, :]`` as a (ROWS, DP) tile; zeros past the ends."""
-    if USE_TMA:
+    if USE_TMA == 2:
+        return ptr_or_desc.load([b * n + row0, head * DP])
+    elif USE_TMA == 1:
         return ptr_or_desc.load([b, row0, head, 0]).reshape(ROWS, DP)
     else:
         rows = row0 + tl.arange(0, ROWS)
@@ -191,7 +195,7 @@ def block_sparse_bwd(
     sdqb, sdqn, sdqh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
     KV_PART_NUM, KV_PART_IDX, KV_FULL_NUM, KV_FULL_IDX,
     Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r,
-    n, d, H, H_KV, GROUP, LAYOUT_HEAD_STRIDE, qk_scale, scale, KV_TILES, Q_TILES,
+    n, d, H, H_KV, GROUP: tl.constexpr, LAYOUT_HEAD_STRIDE, qk_scale, scale, KV_TILES, Q_TILES,
     IS_CAUSAL: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
     BLOCK_N2: tl.constexpr, DP: tl.constexpr, SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -212,7 +216,7 @@ def block_sparse_bwd(
         v = _tile(V, b, start_n, hk, n, svb, svn, svh, d, BLOCK_N1, DP, USE_TMA)
         dk = tl.zeros([BLOCK_N1, DP], tl.float32)
         dv = tl.zeros([BLOCK_N1, DP], tl.float32)
-        for g in range(0, GROUP):
+        for g in tl.static_range(0, GROUP):
             hq = hk * GROUP + g
             bhq = b * H + hq
             lh = hq * LAYOUT_HEAD_STRIDE

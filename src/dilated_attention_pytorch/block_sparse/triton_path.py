@@ -5,7 +5,7 @@ Time is proportional to the active blocks: each query tile walks the key blocks 
 each key tile of the backward the query blocks of its layout column. The layout's lists (built once per
 layout and cached like every layout-derived structure) hold block indices only. On Hopper with aligned
 inputs the tiles are loaded through tensor descriptors (the bulk copy engine); elsewhere through
-pointer loads. The kernels also run on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check
+pointer loads (:data:`LOADS`). The kernels also run on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check
 them).
 """
 
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["TileSettings", "TritonLists", "layout_lists", "tile_settings", "triton_block_sparse_attention",
+__all__ = ["LOADS", "TileSettings", "TritonLists", "layout_lists", "tile_settings", "triton_block_sparse_attention",
            "triton_reasons"]
 
 TRITON_TILE = 128  # the layout's blocks must be whole multiples of the kernels' largest tile
@@ -111,24 +111,48 @@ def tile_settings(head_dim: int, device: torch.device) -> TileSettings:
     return TileSettings(64, 64, 4, 2, 64, 64, 64, 64, 4, 2)
 
 
-def _tma_ok(use_tma: Optional[bool], *tensors: torch.Tensor) -> bool:
-    """Whether to load through tensor descriptors: asked for (True), or by default (None) on Hopper or
-    later; either way they need a 16-byte aligned base and 16-byte multiples of strides."""
-    if use_tma is False:
-        return False
+LOADS = ("pointers", "descriptors-4d", "descriptors-2d")
+
+
+def _loads_for(loads: Optional[str], *tensors: torch.Tensor) -> int:
+    """How the kernels load tiles (0 pointers, 1 4-d descriptors, 2 2-d descriptors; see the kernels).
+
+    ``loads`` None: the best the device and the inputs allow (descriptors need Hopper or later, a
+    16-byte aligned base and 16-byte multiples of strides; 2-d ones also a power-of-2 head dim, a dense
+    ``(b, n, heads, d)`` layout and, for b > 1, n a multiple of 128). Naming a kind asks for it (also
+    in the interpreter) and raises where the inputs do not allow it."""
+    if loads is not None and loads not in LOADS:
+        raise ValueError(f"loads must be None or one of {LOADS}, but got {loads!r}")
+    if loads == "pointers":
+        return 0
     t0 = tensors[0]
-    if use_tma is None and (t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9):
-        return False
-    return all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
-               for t in tensors)
+    if loads is None and (t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9):
+        return 0
+    aligned = all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+                  for t in tensors)
+    b, n, _, d = t0.shape
+    dense = all(t.stride() == (n * t.shape[2] * d, t.shape[2] * d, d, 1) or (b == 1 and t.stride()[1:] == (
+        t.shape[2] * d, d, 1)) for t in tensors)
+    flat_ok = aligned and dense and d >= 16 and d & (d - 1) == 0 and (b == 1 or n % TRITON_TILE == 0)
+    if loads is None:
+        return 2 if flat_ok else 1 if aligned else 0
+    ok = flat_ok if loads == "descriptors-2d" else aligned
+    if not ok:
+        raise ValueError(f"loads={loads!r} is not possible for these inputs (shape {tuple(t0.shape)}, strides "
+                         f"{[t.stride() for t in tensors]}, dtype {t0.dtype})")
+    return 2 if loads == "descriptors-2d" else 1
 
 
-def _operand(t: torch.Tensor, rows: int, dp: int, use_tma: bool):
-    """A tensor descriptor over ``(b, n, heads, d)`` with ``(1, rows, 1, dp)`` boxes, or the tensor."""
-    if not use_tma:
+def _operand(t: torch.Tensor, rows: int, dp: int, mode: int):
+    """The kernels' view of ``t (b, n, heads, d)`` for ``rows``-row tiles: a tensor descriptor
+    (``mode`` 1: 4-d with ``(1, rows, 1, dp)`` boxes; 2: 2-d over ``(b * n, heads * d)``) or the tensor."""
+    if mode == 0:
         return t
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    if mode == 2:
+        b, n, h, d = t.shape
+        return TensorDescriptor(t, [b * n, h * d], [h * d, 1], [rows, dp])
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, dp])
 
 
@@ -136,7 +160,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, lists: TritonLists, block_size: int, is_causal: bool, scale: float, use_tma: Optional[bool],
+def _forward(q, k, v, lists: TritonLists, block_size: int, is_causal: bool, scale: float, loads: Optional[str],
              ts: TileSettings):
     from ._triton_kernels import block_sparse_fwd
 
@@ -145,31 +169,33 @@ def _forward(q, k, v, lists: TritonLists, block_size: int, is_causal: bool, scal
     dp = max(16, 1 << (d - 1).bit_length())
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    use_tma = _tma_ok(use_tma, q, k, v)
+    mode = _loads_for(loads, q, k, v)
     layout_head = 1 if lists.kv_full_num.shape[0] > 1 else 0
     grid = (_cdiv(n, ts.fwd_m), b * h)
     block_sparse_fwd[grid](
-        _operand(q, ts.fwd_m, dp, use_tma), _operand(k, ts.fwd_n, dp, use_tma), _operand(v, ts.fwd_n, dp, use_tma),
+        _operand(q, ts.fwd_m, dp, mode), _operand(k, ts.fwd_n, dp, mode), _operand(v, ts.fwd_n, dp, mode),
         out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         lists.kv_part_num, lists.kv_part_idx, lists.kv_full_num, lists.kv_full_idx,
         lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
         n, d, h, group, layout_head, scale * math.log2(math.e),
-        IS_CAUSAL=is_causal, BLOCK_M=ts.fwd_m, BLOCK_N=ts.fwd_n, DP=dp, SPARSE_BLOCK=block_size, USE_TMA=use_tma,
+        IS_CAUSAL=is_causal, BLOCK_M=ts.fwd_m, BLOCK_N=ts.fwd_n, DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode,
         num_warps=ts.fwd_warps, num_stages=ts.fwd_stages,
     )
     return out, lse
 
 
 def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int, is_causal: bool, scale: float,
-              use_tma: Optional[bool], ts: TileSettings):
+              loads: Optional[str], ts: TileSettings):
     from ._triton_kernels import block_sparse_bwd, block_sparse_row_sums
 
     b, n, h, d = q.shape
     h_kv = k.shape[2]
     group = h // h_kv
     dp = max(16, 1 << (d - 1).bit_length())
-    dout = _unit_last(dout)
+    mode = _loads_for(loads, q, k, v)
+    # the incoming gradient is loaded like q (descriptors want q's dense layout)
+    dout = dout.contiguous() if mode else _unit_last(dout)
     delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     glse = dlse.contiguous() if dlse is not None else delta
     rows = 64
@@ -180,14 +206,13 @@ def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    use_tma = _tma_ok(use_tma, q, k, v, dout)
     kv_tiles, q_tiles = _cdiv(n, ts.bwd_n1), _cdiv(n, ts.bwd_m2)
     layout_head = 1 if lists.kv_full_num.shape[0] > 1 else 0
     block_sparse_bwd[(kv_tiles + group * q_tiles, b * h_kv)](
-        _operand(q, ts.bwd_m1, dp, use_tma), _operand(k, ts.bwd_n1, dp, use_tma),
-        _operand(v, ts.bwd_n1, dp, use_tma), _operand(dout, ts.bwd_m1, dp, use_tma),
-        _operand(q, ts.bwd_m2, dp, use_tma), _operand(k, ts.bwd_n2, dp, use_tma),
-        _operand(v, ts.bwd_n2, dp, use_tma), _operand(dout, ts.bwd_m2, dp, use_tma),
+        _operand(q, ts.bwd_m1, dp, mode), _operand(k, ts.bwd_n1, dp, mode),
+        _operand(v, ts.bwd_n1, dp, mode), _operand(dout, ts.bwd_m1, dp, mode),
+        _operand(q, ts.bwd_m2, dp, mode), _operand(k, ts.bwd_n2, dp, mode),
+        _operand(v, ts.bwd_n2, dp, mode), _operand(dout, ts.bwd_m2, dp, mode),
         dq, dk, dv, lse, delta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
@@ -196,7 +221,7 @@ def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int
         lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
         n, d, h, h_kv, group, layout_head, scale * math.log2(math.e), scale, kv_tiles, q_tiles,
         IS_CAUSAL=is_causal, BLOCK_M1=ts.bwd_m1, BLOCK_N1=ts.bwd_n1, BLOCK_M2=ts.bwd_m2, BLOCK_N2=ts.bwd_n2,
-        DP=dp, SPARSE_BLOCK=block_size, USE_TMA=use_tma, num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
+        DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode, num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
     )
     return dq, dk, dv
 
@@ -207,11 +232,11 @@ def _cdiv(a: int, b: int) -> int:
 
 class _BlockSparseTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lists, block_size, is_causal, scale, use_tma, tiles):
+    def forward(ctx, q, k, v, lists, block_size, is_causal, scale, loads, tiles):
         q, k, v = (_unit_last(x) for x in (q, k, v))
-        out, lse = _forward(q, k, v, lists, block_size, is_causal, scale, use_tma, tiles)
+        out, lse = _forward(q, k, v, lists, block_size, is_causal, scale, loads, tiles)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.settings = (lists, block_size, is_causal, scale, use_tma, tiles)
+        ctx.settings = (lists, block_size, is_causal, scale, loads, tiles)
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -226,14 +251,13 @@ class _BlockSparseTriton(torch.autograd.Function):
 
 def triton_block_sparse_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lists: TritonLists, *, block_size: int,
-    is_causal: bool, scale: float, use_tma: Optional[bool] = None, tiles: Optional[TileSettings] = None,
+    is_causal: bool, scale: float, loads: Optional[str] = None, tiles: Optional[TileSettings] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (out (b, n, h, d), lse (b, h, n) float32). ``lists`` from :func:`layout_lists`. ``use_tma``:
-    load tiles through tensor descriptors — None: on Hopper or later; True: also elsewhere (the
-    interpreter); either only where the inputs are aligned for them; False: never. ``tiles``: launch
-    settings, default :func:`tile_settings`."""
+    """-> (out (b, n, h, d), lse (b, h, n) float32). ``lists`` from :func:`layout_lists`. ``loads``:
+    how tiles are loaded, one of :data:`LOADS` or None for the best the device and inputs allow
+    (see :func:`_loads_for`). ``tiles``: launch settings, default :func:`tile_settings`."""
     if tiles is None:
         tiles = tile_settings(query.shape[-1], query.device)
     if block_size % max(tiles.fwd_m, tiles.fwd_n, tiles.bwd_m1, tiles.bwd_n1, tiles.bwd_m2, tiles.bwd_n2):
         raise ValueError(f"block_size ({block_size}) must be a multiple of every tile of {tiles}")
-    return _BlockSparseTriton.apply(query, key, value, lists, block_size, is_causal, scale, use_tma, tiles)
+    return _BlockSparseTriton.apply(query, key, value, lists, block_size, is_causal, scale, loads, tiles)
