@@ -131,12 +131,16 @@ def block_sparse_row_sums(
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, bh, offs_m, n):
+def _row_stats(LSE, DELTA, bh, offs_m, n, EVEN_N: tl.constexpr):
     """Base-2 LSE (+inf where a row is past the end or sees nothing: its probabilities become 0) and
-    the row sums."""
-    lse = tl.load(LSE + bh * n + offs_m, mask=offs_m < n, other=float("inf"))
+    the row sums. ``EVEN_N``: n is a multiple of every tile, so no row is past the end."""
+    if EVEN_N:
+        lse = tl.load(LSE + bh * n + offs_m)
+        delta = tl.load(DELTA + bh * n + offs_m)
+    else:
+        lse = tl.load(LSE + bh * n + offs_m, mask=offs_m < n, other=float("inf"))
+        delta = tl.load(DELTA + bh * n + offs_m, mask=offs_m < n, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + bh * n + offs_m, mask=offs_m < n, other=0.0)
     return lse, delta
 
 
@@ -144,14 +148,14 @@ def _row_stats(LSE, DELTA, bh, offs_m, n):
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, idx_ptr, num, b, hq, bhq, offs_n, n, d, qk_scale,
                 sqb, sqn, sqh, sdb, sdn, sdh,
                 MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DP: tl.constexpr,
-                SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+                SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr):
     TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_M
     for i in tl.range(0, num * TILES):
         start_m = tl.load(idx_ptr + i // TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _tile(Q, b, start_m, hq, n, sqb, sqn, sqh, d, BLOCK_M, DP, USE_TMA)
         do = _tile(DO, b, start_m, hq, n, sdb, sdn, sdh, d, BLOCK_M, DP, USE_TMA)
-        lse, delta = _row_stats(LSE, DELTA, bhq, offs_m, n)
+        lse, delta = _row_stats(LSE, DELTA, bhq, offs_m, n, EVEN_N)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (keys, queries)
         if MASK:
             ok = offs_n[:, None] < n
@@ -198,6 +202,7 @@ def block_sparse_bwd(
     n, d, H, H_KV, GROUP: tl.constexpr, LAYOUT_HEAD_STRIDE, qk_scale, scale, KV_TILES, Q_TILES,
     IS_CAUSAL: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
     BLOCK_N2: tl.constexpr, DP: tl.constexpr, SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     """Programs ``0 .. KV_TILES``: dK, dV of BLOCK_N1 keys of one (batch, kv head), over the query
     blocks (of every head in its group) that list their key block; then ``KV_TILES ..``: dQ of
@@ -223,11 +228,11 @@ def block_sparse_bwd(
             num = tl.load(Q_PART_NUM + lh * s_num_h + col)
             dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, Q_PART_IDX + lh * s_idx_h + col * s_idx_r, num,
                                  b, hq, bhq, offs_n, n, d, qk_scale, sqb, sqn, sqh, sdb, sdn, sdh,
-                                 True, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA)
+                                 True, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N)
             num = tl.load(Q_FULL_NUM + lh * s_num_h + col)
             dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, Q_FULL_IDX + lh * s_idx_h + col * s_idx_r, num,
                                  b, hq, bhq, offs_n, n, d, qk_scale, sqb, sqn, sqh, sdb, sdn, sdh,
-                                 False, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA)
+                                 False, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N)
         _store_tile(DK, dk * scale, b, start_n, hk, n, sdkb, sdkn, sdkh, d, BLOCK_N1, DP)
         _store_tile(DV, dv, b, start_n, hk, n, sdvb, sdvn, sdvh, d, BLOCK_N1, DP)
     else:
@@ -240,7 +245,7 @@ def block_sparse_bwd(
         offs_m = start_m + tl.arange(0, BLOCK_M2)
         q = _tile(Q2, b, start_m, hq, n, sqb, sqn, sqh, d, BLOCK_M2, DP, USE_TMA)
         do = _tile(DO2, b, start_m, hq, n, sdb, sdn, sdh, d, BLOCK_M2, DP, USE_TMA)
-        lse, delta = _row_stats(LSE, DELTA, bhq, offs_m, n)
+        lse, delta = _row_stats(LSE, DELTA, bhq, offs_m, n, EVEN_N)
         dq = tl.zeros([BLOCK_M2, DP], tl.float32)
         num = tl.load(KV_PART_NUM + lh * s_num_h + row)
         dq = _dq_tiles(dq, q, do, lse, delta, K2, V2, KV_PART_IDX + lh * s_idx_h + row * s_idx_r, num, b, hk, offs_m,

@@ -221,7 +221,8 @@ def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int
         lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
         n, d, h, h_kv, group, layout_head, scale * math.log2(math.e), scale, kv_tiles, q_tiles,
         IS_CAUSAL=is_causal, BLOCK_M1=ts.bwd_m1, BLOCK_N1=ts.bwd_n1, BLOCK_M2=ts.bwd_m2, BLOCK_N2=ts.bwd_n2,
-        DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode, num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
+        DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode, EVEN_N=n % max(ts.bwd_m1, ts.bwd_m2) == 0,
+        num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
     )
     return dq, dk, dv
 
