@@ -71,8 +71,9 @@ _REASONS = {"flex": flex_reasons, "triton": triton_reasons}
 
 
 def block_sparse_backend(query: torch.Tensor, block_size: int, backend: str = "auto") -> str:
-    """The backend that runs these inputs. ``"auto"``: on a GPU the Triton kernels, else FlexAttention,
-    whichever has no reasons against it; else ``"portable"``."""
+    """The backend that runs these inputs. ``"auto"``: on a GPU FlexAttention, else our Triton kernels,
+    whichever has no reasons against it (FlexAttention measured 4-9% faster forward+backward on an
+    H200, BENCHMARKS.md); else ``"portable"``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, but got {backend!r}")
     if backend in _REASONS:
@@ -81,7 +82,7 @@ def block_sparse_backend(query: torch.Tensor, block_size: int, backend: str = "a
             raise ValueError(f"backend={backend!r} cannot run these inputs: {'; '.join(reasons)}")
         return backend
     if backend == "auto" and query.device.type == "cuda":
-        for name in ("triton", "flex"):
+        for name in ("flex", "triton"):
             if not _REASONS[name](query, block_size):
                 return name
     return "portable"
@@ -110,10 +111,10 @@ def block_sparse_attention(
         is_causal: also require ``u <= t``.
         scale: score scale, default ``d ** -0.5``.
         return_lse: also return the log-sum-exp ``(b, h, n)`` (float32; float64 for float64 inputs).
-        backend: ``"auto"`` (on a GPU the Triton kernels where they run, else FlexAttention, else
-            portable), ``"triton"`` (our kernels: CUDA, or the CPU under ``TRITON_INTERPRET=1``;
-            float16/bfloat16), ``"flex"`` (FlexAttention, CUDA) or ``"portable"`` (batched aten kernels
-            over the active tiles, any device and dtype).
+        backend: ``"auto"`` (on a GPU FlexAttention where it runs, else the Triton kernels, else
+            portable), ``"flex"`` (FlexAttention, CUDA), ``"triton"`` (our kernels, no compile step:
+            CUDA, or the CPU under ``TRITON_INTERPRET=1``; float16/bfloat16) or ``"portable"``
+            (batched aten kernels over the active tiles, any device and dtype).
 
     Rows that see no key get zeros, LSE ``-inf`` and no gradient. Layout-derived metadata (index plans,
     block masks) is cached in :data:`~dilated_attention_pytorch.block_sparse.cache.METADATA_CACHE`,
