@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dilated_attention_pytorch.bench.block_sparse_problem import block_sparse_problem, dense_cudnn_fwd_bwd
 from dilated_attention_pytorch.bench.measure import measure
 from dilated_attention_pytorch.block_sparse import (
     METADATA_CACHE,
     block_sparse_attention,
     block_sparse_backend,
-    layout_density,
     random_layout,
 )
 from dilated_attention_pytorch.block_sparse.flex import flex_block_sparse_attention, layout_block_mask
@@ -103,19 +103,11 @@ def flops_fwd_bwd(b, h, n, d, fraction) -> float:
 
 
 def bench_size(n, warmup, repeats) -> dict:
-    b, h, d, bs = 1, 16, 128, 128
-    nb = n // bs
-    layout = random_layout(nb, 0.1 - 1.0 / nb, num_heads=h, seed=0, device="cuda")  # ~10% incl. diagonal
-    density = layout_density(layout)
-    q, k, v = qkv(b, n, h, h, d, torch.bfloat16)
-    g = torch.randn_like(q)
-    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))  # (b, h, n, d) views
-    gt = g.transpose(1, 2)
-
-    def dense() -> None:
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
-        out.backward(gt)
+    prob = block_sparse_problem(n)  # ~10% density incl. the diagonal, bf16, h = 16, d = 128, block 128
+    b, _, h, d = prob.q.shape
+    bs, layout, density = prob.block_size, prob.layout, prob.density
+    q, k, v, g = prob.q, prob.k, prob.v, prob.grad
+    dense = dense_cudnn_fwd_bwd(prob)
 
     def sparse_api() -> None:  # the public function: layout hash, cached metadata, the backend "auto" picks
         out = block_sparse_attention(q, k, v, layout, block_size=bs)
@@ -123,6 +115,10 @@ def bench_size(n, warmup, repeats) -> dict:
 
     def sparse_flex_api() -> None:  # the public function on FlexAttention
         out = block_sparse_attention(q, k, v, layout, block_size=bs, backend="flex")
+        out.backward(g)
+
+    def sparse_triton_api() -> None:  # the public function on our Triton kernels
+        out = block_sparse_attention(q, k, v, layout, block_size=bs, backend="triton")
         out.backward(g)
 
     block_mask = layout_block_mask(layout, n, bs, False)
@@ -141,8 +137,9 @@ def bench_size(n, warmup, repeats) -> dict:
     rec["sparse_api_ms"], rec["sparse_peak_bytes"] = measure(sparse_api, torch.device("cuda"), warmup, repeats)
     rec["sparse_kernel_ms"], _ = measure(sparse_kernel, torch.device("cuda"), warmup, repeats)
     rec["sparse_flex_api_ms"], _ = measure(sparse_flex_api, torch.device("cuda"), warmup, repeats)
+    rec["sparse_triton_api_ms"], _ = measure(sparse_triton_api, torch.device("cuda"), warmup, repeats)
     dense_tf = flops_fwd_bwd(b, h, n, d, 1.0) / (rec["dense_cudnn_ms"] * 1e-3) / 1e12
-    for name in ("sparse_api", "sparse_kernel", "sparse_flex_api"):
+    for name in ("sparse_api", "sparse_kernel", "sparse_flex_api", "sparse_triton_api"):
         tf = flops_fwd_bwd(b, h, n, d, density) / (rec[f"{name}_ms"] * 1e-3) / 1e12
         rec[f"{name}_time_ratio"] = rec[f"{name}_ms"] / rec["dense_cudnn_ms"]
         rec[f"{name}_tflops_active"] = tf

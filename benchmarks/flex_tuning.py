@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dilated_attention_pytorch.bench.block_sparse_problem import block_sparse_problem, dense_cudnn_fwd_bwd, kernel_times
 from dilated_attention_pytorch.bench.measure import measure
-from dilated_attention_pytorch.block_sparse import layout_density, random_layout
 from dilated_attention_pytorch.block_sparse.flex import flex_block_sparse_attention, layout_block_mask
 
 OPTION_SETS = {
@@ -54,32 +53,6 @@ OPTION_SETS.update({
     "hopper+bwd64x128w8s3-dq128": _HOPPER | {"bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 128},
     "hopper+bwd5stages": _HOPPER | {"bwd_num_stages": 5},
 })
-
-
-def kernel_times(fn) -> dict:
-    """One call under torch.profiler: GPU milliseconds by kernel name, the window from the first kernel's
-    start to the last one's end, the GPU's idle time inside it, and the host's busiest operators."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    times: dict = {}
-    spans = []
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            times[ev.name[:80]] = times.get(ev.name[:80], 0.0) + ev.device_time / 1e3
-            spans.append((ev.time_range.start, ev.time_range.end))
-    spans.sort()
-    idle, reach = 0.0, spans[0][1]
-    for s, e in spans[1:]:
-        idle += max(0.0, s - reach)
-        reach = max(reach, e)
-    host = sorted(prof.key_averages(), key=lambda e: -e.cpu_time_total)[:8]
-    return dict(by_kernel=dict(sorted(times.items(), key=lambda kv: -kv[1])),
-                window_ms=(reach - spans[0][0]) / 1e3, idle_ms=idle / 1e3,
-                host_ops_ms={e.key[:60]: e.cpu_time_total / 1e3 for e in host})
 
 
 def host_times(q, k, v, g, block_mask, d, opts, calls: int = 5) -> dict:
@@ -151,23 +124,13 @@ def main() -> None:
         inductor_config.max_autotune = True
     a.out.mkdir(parents=True, exist_ok=True)
     start, rows = time.perf_counter(), []
-    b, h, d, bs = 1, 16, a.head_dim, 128
+    d = a.head_dim
     dev = torch.device("cuda")
     for n in a.sizes:
-        nb = n // bs
-        layout = random_layout(nb, 0.1 - 1.0 / nb, num_heads=h, seed=0, device="cuda")
-        density = layout_density(layout)
-        block_mask = layout_block_mask(layout, n, bs, False)
-        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        g = torch.randn_like(q)
-        qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
-
-        def dense() -> None:
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
-            out.backward(g.transpose(1, 2))
-
-        dense_ms, _ = measure(dense, dev, 1, a.repeats)
+        prob = block_sparse_problem(n, head_dim=d)
+        q, k, v, g, density = prob.q, prob.k, prob.v, prob.grad, prob.density
+        block_mask = layout_block_mask(prob.layout, n, prob.block_size, False)
+        dense_ms, _ = measure(dense_cudnn_fwd_bwd(prob), dev, 1, a.repeats)
         ref = None
         for name in a.sets:
             if time.perf_counter() - start > a.budget_s:

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dilated_attention_pytorch.bench.block_sparse_problem import block_sparse_problem, dense_cudnn_fwd_bwd, kernel_times
 from dilated_attention_pytorch.bench.measure import measure
-from dilated_attention_pytorch.block_sparse import layout_density, random_layout
 from dilated_attention_pytorch.block_sparse.flex import flex_block_sparse_attention, layout_block_mask
 from dilated_attention_pytorch.block_sparse.triton_path import (
     LOADS,
@@ -39,20 +38,6 @@ SETTINGS = {
 }
 
 
-def kernel_times(fn) -> dict:
-    """GPU milliseconds by kernel name over one call (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    times: dict = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            times[ev.name[:60]] = times.get(ev.name[:60], 0.0) + ev.device_time / 1e3
-    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -70,22 +55,13 @@ def main() -> None:
 
     a.out.mkdir(parents=True, exist_ok=True)
     start, rows = time.perf_counter(), []
-    b, h, d, bs = 1, 16, 128, 128
+    d = 128
     dev = torch.device("cuda")
     for n in a.sizes:
-        nb = n // bs
-        layout = random_layout(nb, 0.1 - 1.0 / nb, num_heads=h, seed=0, device="cuda")
-        density = layout_density(layout)
-        block_mask = layout_block_mask(layout, n, bs, False)
-        lists = layout_lists(layout, n, bs, False)
-        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        g = torch.randn_like(q)
-        qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
-
-        def dense() -> None:
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
-            out.backward(g.transpose(1, 2))
+        prob = block_sparse_problem(n, head_dim=d)
+        q, k, v, g, density, bs = prob.q, prob.k, prob.v, prob.grad, prob.density, prob.block_size
+        block_mask = layout_block_mask(prob.layout, n, bs, False)
+        lists = layout_lists(prob.layout, n, bs, False)
 
         def runner(attend):
             def fwd() -> torch.Tensor:
@@ -99,7 +75,7 @@ def main() -> None:
 
             return fwd, fwdbwd
 
-        dense_ms, _ = measure(dense, dev, 1, a.repeats)
+        dense_ms, _ = measure(dense_cudnn_fwd_bwd(prob), dev, 1, a.repeats)
         flex_fwd, flex_fwdbwd = runner(lambda: flex_block_sparse_attention(q, k, v, block_mask, scale=d**-0.5))
         ref = flex_fwd().float()
         flex_fwdbwd()
@@ -130,7 +106,7 @@ def main() -> None:
                 rec["rel_diff_vs_flex"] = ((out - ref).norm() / ref.norm()).item()
                 rec["fwd_ms"], _ = measure(fwd, dev, 1, a.repeats)
                 rec["fwdbwd_ms"], rec["peak_bytes"] = measure(fwdbwd, dev, 1, a.repeats)
-                rec["kernels_ms"] = kernel_times(fwdbwd)
+                rec["kernels_ms"] = kernel_times(fwdbwd)["by_kernel"]
             except (RuntimeError, ValueError, OutOfResources, CompilationError) as err:  # recorded, the sweep goes on
                 rec["error"] = f"{type(err).__name__}: {err}"[:500]
             rows.append(rec)
