@@ -19,6 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _tile(ptr_or_desc, b, row0, head, n, stride_b, stride_n, stride_h, d,
           ROWS: tl.constexpr, DP: tl.constexpr, USE_TMA: tl.constexpr):
@@ -28,18 +29,34 @@ def _tile(ptr_or_desc, b, row0, head, n, stride_b, stride_n, stride_h, d,
     elif USE_TMA == 1:
         return ptr_or_desc.load([b, row0, head, 0]).reshape(ROWS, DP)
     else:
-        rows = row0 + tl.arange(0, ROWS)
-        cols = tl.arange(0, DP)
-        ptrs = ptr_or_desc + b * stride_b + head * stride_h + rows[:, None] * stride_n + cols[None, :]
-        return tl.load(ptrs, mask=(rows[:, None] < n) & (cols[None, :] < d), other=0.0)
+        return tl.load(*_tile_ptrs(ptr_or_desc, b, row0, head, n, stride_b, stride_n, stride_h, d, ROWS, DP),
+                       other=0.0)
+
+
+@triton.jit
+def _tile_ptrs(ptr, b, row0, head, n, stride_b, stride_n, stride_h, d, ROWS: tl.constexpr, DP: tl.constexpr):
+    """Pointers and in-bounds mask of a (ROWS, DP) tile of ``[b, :, head, :]``. Offsets in int64: a
+    (b, n, h, d) tensor passes 2**31 elements at n = 1M tokens with h = 16, d = 128."""
+    rows = (row0 + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.arange(0, DP)
+    ptrs = ptr + b.to(tl.int64) * stride_b + head * stride_h + rows[:, None] * stride_n + cols[None, :]
+    return ptrs, (rows[:, None] < n) & (cols[None, :] < d)
 
 
 @triton.jit
 def _store_tile(ptr, value, b, row0, head, n, stride_b, stride_n, stride_h, d, ROWS: tl.constexpr, DP: tl.constexpr):
-    rows = row0 + tl.arange(0, ROWS)
-    cols = tl.arange(0, DP)
-    ptrs = ptr + b * stride_b + head * stride_h + rows[:, None] * stride_n + cols[None, :]
-    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=(rows[:, None] < n) & (cols[None, :] < d))
+    ptrs, mask = _tile_ptrs(ptr, b, row0, head, n, stride_b, stride_n, stride_h, d, ROWS, DP)
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _key_ok(offs_m, start_n, n, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(queries, keys) mask of a key tile: keys before the end, and not after the query under causal."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    ok = offs_n[None, :] < n
+    if IS_CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None])
+    return ok
 
 
 @triton.jit
@@ -54,11 +71,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, idx_ptr, num, b, hk, offs_m, n, d, qk_sca
         v = _tile(V, b, start_n, hk, n, svb, svn, svh, d, BLOCK_N, DP, USE_TMA)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         if MASK:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            ok = offs_n[None, :] < n
-            if IS_CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None])
-            qk = tl.where(ok, qk, float("-inf"))
+            qk = tl.where(_key_ok(offs_m, start_n, n, BLOCK_N, IS_CAUSAL), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
         else:
@@ -107,7 +120,7 @@ def block_sparse_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     _store_tile(O, acc / l_safe[:, None], b, start_m, hq, n, sob, son, soh, d, BLOCK_M, DP)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(LSE + bh * n + offs_m, lse, mask=offs_m < n)
+    tl.store(LSE + bh.to(tl.int64) * n + offs_m, lse, mask=offs_m < n)
 
 
 @triton.jit
@@ -126,20 +139,21 @@ def block_sparse_row_sums(
     delta = tl.sum(o * do, 1)
     offs = start + tl.arange(0, BLOCK)
     if HAS_GLSE:
-        delta -= tl.load(GLSE + bh * n + offs, mask=offs < n, other=0.0)
-    tl.store(DELTA + bh * n + offs, delta, mask=offs < n)
+        delta -= tl.load(GLSE + bh.to(tl.int64) * n + offs, mask=offs < n, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * n + offs, delta, mask=offs < n)
 
 
 @triton.jit
 def _row_stats(LSE, DELTA, bh, offs_m, n, EVEN_N: tl.constexpr):
     """Base-2 LSE (+inf where a row is past the end or sees nothing: its probabilities become 0) and
     the row sums. ``EVEN_N``: n is a multiple of every tile, so no row is past the end."""
+    row = bh.to(tl.int64) * n + offs_m
     if EVEN_N:
-        lse = tl.load(LSE + bh * n + offs_m)
-        delta = tl.load(DELTA + bh * n + offs_m)
+        lse = tl.load(LSE + row)
+        delta = tl.load(DELTA + row)
     else:
-        lse = tl.load(LSE + bh * n + offs_m, mask=offs_m < n, other=float("inf"))
-        delta = tl.load(DELTA + bh * n + offs_m, mask=offs_m < n, other=0.0)
+        lse = tl.load(LSE + row, mask=offs_m < n, other=float("inf"))
+        delta = tl.load(DELTA + row, mask=offs_m < n, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     return lse, delta
 
@@ -181,11 +195,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, idx_ptr, num, b, hk, offs_m, n, d, qk
         v = _tile(V, b, start_n, hk, n, svb, svn, svh, d, BLOCK_N, DP, USE_TMA)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         if MASK:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            ok = offs_n[None, :] < n
-            if IS_CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(ok, p, 0.0)
+            p = tl.where(_key_ok(offs_m, start_n, n, BLOCK_N, IS_CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
