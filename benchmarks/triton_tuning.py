@@ -27,14 +27,15 @@ from dilated_attention_pytorch.block_sparse.triton_path import (
     triton_block_sparse_attention,
 )
 
-# (fwd_m, fwd_n, fwd_warps, fwd_stages, bwd_m1, bwd_n1, bwd_m2, bwd_n2, bwd_warps, bwd_stages)
+# (fwd_m, fwd_n, fwd_warps, fwd_stages, bwd_m1, bwd_n1, bwd_m2, bwd_n2, bwd_warps, bwd_stages, atomic_dq)
 SETTINGS = {
     "default": None,
-    "fwd-s3": (128, 128, 8, 3, 64, 128, 128, 64, 8, 3),
-    "fwd-128x64-s3": (128, 64, 8, 3, 64, 128, 128, 64, 8, 3),
-    "bwd-s2": (128, 128, 8, 2, 64, 128, 128, 64, 8, 2),
-    "bwd-w4": (128, 128, 8, 2, 64, 128, 128, 64, 4, 3),
-    "bwd-64x64": (128, 128, 8, 2, 64, 64, 64, 64, 4, 3),
+    "dq-programs": (128, 128, 8, 2, 64, 128, 128, 64, 8, 3, False),
+    "atomic-s2": (128, 128, 8, 2, 64, 128, 128, 64, 8, 2, True),
+    "atomic-m32-s2": (128, 128, 8, 2, 32, 128, 128, 64, 8, 2, True),
+    "atomic-m32-s3": (128, 128, 8, 2, 32, 128, 128, 64, 8, 3, True),
+    "fwd-s3": (128, 128, 8, 3, 64, 128, 128, 64, 8, 3, True),
+    "fwd-128x64-s3": (128, 64, 8, 3, 64, 128, 128, 64, 8, 3, True),
 }
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     p.add_argument("--loads", nargs="+", default=["auto"], choices=["auto", *LOADS],
                    help="how the kernels load tiles (each setting runs with each)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=200.0, help="start no new measurement after this")
+    p.add_argument("--budget-s", type=float, default=400.0, help="start no new measurement after this")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("triton_tuning.py needs a CUDA GPU")

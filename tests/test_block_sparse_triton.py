@@ -1,5 +1,6 @@
 """The Triton block-sparse kernels against the float64 reference: forward, LSE, gradients (through the
-LSE too), awkward shapes, GQA, causal, empty rows, both load paths (pointers and tensor descriptors).
+LSE too), awkward shapes, GQA, causal, empty rows, every load path (pointers and tensor descriptors),
+both ways of computing dQ (atomic sums in the dK/dV programs, or dQ programs of their own).
 
 Without a GPU the kernels run in Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``) in float16:
 the interpreter's bfloat16 matmul is broken (it returns garbage for ``tl.dot`` on bfloat16), so
@@ -22,7 +23,9 @@ from dilated_attention_pytorch.block_sparse.reference import (  # noqa: E402
     reference_block_sparse_attention,
 )
 from dilated_attention_pytorch.block_sparse.triton_path import (  # noqa: E402
+    TileSettings,
     layout_lists,
+    tile_settings,
     triton_block_sparse_attention,
     triton_reasons,
 )
@@ -59,6 +62,27 @@ CASES = [  # b, n, h, h_kv, d, causal, block_size, layout heads (h or 1), loads,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,n,h,h_kv,d,causal,bs,lh,loads,lse_grad", CASES)
 def test_matches_reference(dtype, b, n, h, h_kv, d, causal, bs, lh, loads, lse_grad):
+    check_against_reference(dtype, b, n, h, h_kv, d, causal, bs, lh, loads, lse_grad, None)
+
+
+def with_backward(atomic_dq: bool, bwd_m1: int) -> TileSettings:
+    base = tile_settings(128, torch.device(DEVICE))
+    return TileSettings(**{**base.__dict__, "atomic_dq": atomic_dq, "bwd_m1": bwd_m1})
+
+
+BACKWARDS = {  # dQ programs of their own; atomic dQ from 32-row query tiles (computed as (k^T dS^T)^T)
+    "dq-programs": with_backward(False, 64),
+    "atomic-m32": with_backward(True, 32),
+}
+
+
+@pytest.mark.parametrize("backward", list(BACKWARDS))
+@pytest.mark.parametrize("b,n,h,h_kv,d,causal,bs,lh,loads,lse_grad", [CASES[1], CASES[2], CASES[6]])
+def test_backward_variants_match_reference(backward, b, n, h, h_kv, d, causal, bs, lh, loads, lse_grad):
+    check_against_reference(DTYPES[-1], b, n, h, h_kv, d, causal, bs, lh, loads, lse_grad, BACKWARDS[backward])
+
+
+def check_against_reference(dtype, b, n, h, h_kv, d, causal, bs, lh, loads, lse_grad, tiles):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     nb = -(-n // bs)
     layout = torch.rand(h if lh == "h" else 1, nb, nb, generator=gen) < 0.6
@@ -79,7 +103,7 @@ def test_matches_reference(dtype, b, n, h, h_kv, d, causal, bs, lh, loads, lse_g
     ref_grads = torch.autograd.grad(loss_of(ref, ref_lse), (q, k, v))
     ql, kl, vl = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
     out, lse = triton_block_sparse_attention(ql, kl, vl, layout_lists(layout, n, bs, causal), block_size=bs,
-                                             is_causal=causal, scale=d**-0.5, loads=loads)
+                                             is_causal=causal, scale=d**-0.5, loads=loads, tiles=tiles)
     grads = torch.autograd.grad(loss_of(out, lse), (ql, kl, vl))
     qp, kp, vp = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
     plain, plain_lse = plain_attention(qp, kp, vp, layout, bs, causal)
@@ -103,6 +127,31 @@ def test_through_the_public_function():
     assert rel_err(out, ref) < 2e-3
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_deterministic_algorithms_give_identical_gradients():
+    """Under ``torch.use_deterministic_algorithms(True)`` the backward takes the dQ programs (no atomic
+    sums): two runs give bit-identical gradients, equal to asking for that path by its setting."""
+    n, h, bs = 384, 4, 128
+    layout = (torch.rand(h, 3, 3) < 0.7).to(DEVICE)
+    layout[:, 0, 0] = True
+    q, k, v = rand_qkv(1, n, h, 2, 32, dtype=DTYPES[-1], device=DEVICE)
+    g = torch.randn_like(q)
+    lists = layout_lists(layout, n, bs, True)
+
+    def grads(tiles=None):
+        out, _ = triton_block_sparse_attention(q, k, v, lists, block_size=bs, is_causal=True, scale=0.2, tiles=tiles)
+        return torch.autograd.grad(out, (q, k, v), g)
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    programs = grads(with_backward(False, tile_settings(32, torch.device(DEVICE)).bwd_m1))
+    for a, b_, c in zip(first, second, programs):
+        assert torch.equal(a, b_) and torch.equal(a, c)
 
 
 def test_lists_split_full_and_partial_blocks():

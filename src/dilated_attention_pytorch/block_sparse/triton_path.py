@@ -88,7 +88,10 @@ def layout_lists(layout: torch.Tensor, seq_len: int, block_size: int, is_causal:
 @dataclass(frozen=True)
 class TileSettings:
     """Launch settings: forward query/key tiles; backward key tile and its query tile (dK, dV), query
-    tile and its key tile (dQ); warps and pipeline stages of each kernel."""
+    tile and its key tile (dQ); warps and pipeline stages of each kernel. ``atomic_dq``: the dK/dV
+    programs also add dQ's shares into a float32 buffer (five products per tile pair instead of seven,
+    but the sum's order varies from run to run); off, or under
+    ``torch.use_deterministic_algorithms(True)``, separate dQ programs recompute them (bit-reproducible)."""
 
     fwd_m: int
     fwd_n: int
@@ -100,6 +103,7 @@ class TileSettings:
     bwd_n2: int
     bwd_warps: int
     bwd_stages: int
+    atomic_dq: bool = True
 
 
 def tile_settings(head_dim: int, device: torch.device) -> TileSettings:
@@ -203,28 +207,33 @@ def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int
         out, dout, glse, delta, *out.stride()[:3], *dout.stride()[:3], n, d, h,
         HAS_GLSE=dlse is not None, BLOCK=rows, DP=dp,
     )
+    atomic = ts.atomic_dq and not torch.are_deterministic_algorithms_enabled()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # atomic dQ: float32 sums (b, n, h, d), cast to q's dtype after the launch; added through descriptors
+    # like the loads, except in the interpreter (it has no descriptor reduce-add)
+    dq_sums = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
+    add_mode = mode if atomic and q.device.type == "cuda" else 0
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     kv_tiles, q_tiles = _cdiv(n, ts.bwd_n1), _cdiv(n, ts.bwd_m2)
     layout_head = 1 if lists.kv_full_num.shape[0] > 1 else 0
-    block_sparse_bwd[(kv_tiles + group * q_tiles, b * h_kv)](
+    block_sparse_bwd[(kv_tiles + (0 if atomic else group * q_tiles), b * h_kv)](
         _operand(q, ts.bwd_m1, dp, mode), _operand(k, ts.bwd_n1, dp, mode),
         _operand(v, ts.bwd_n1, dp, mode), _operand(dout, ts.bwd_m1, dp, mode),
         _operand(q, ts.bwd_m2, dp, mode), _operand(k, ts.bwd_n2, dp, mode),
         _operand(v, ts.bwd_n2, dp, mode), _operand(dout, ts.bwd_m2, dp, mode),
-        dq, dk, dv, lse, delta,
+        dq, _operand(dq_sums, ts.bwd_m1, dp, add_mode), dk, dv, lse, delta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        *dq.stride()[:3], *dq_sums.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         lists.kv_part_num, lists.kv_part_idx, lists.kv_full_num, lists.kv_full_idx,
         lists.q_part_num, lists.q_part_idx, lists.q_full_num, lists.q_full_idx,
         lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
         n, d, h, h_kv, group, layout_head, scale * math.log2(math.e), scale, kv_tiles, q_tiles,
         IS_CAUSAL=is_causal, BLOCK_M1=ts.bwd_m1, BLOCK_N1=ts.bwd_n1, BLOCK_M2=ts.bwd_m2, BLOCK_N2=ts.bwd_n2,
         DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode, EVEN_N=n % max(ts.bwd_m1, ts.bwd_m2) == 0,
-        num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
+        ATOMIC_DQ=atomic, ADD_TMA=add_mode, num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
     )
-    return dq, dk, dv
+    return (dq_sums.to(q.dtype) if atomic else dq), dk, dv
 
 
 def _cdiv(a: int, b: int) -> int:
