@@ -27,15 +27,18 @@ from dilated_attention_pytorch.block_sparse.triton_path import (
     triton_block_sparse_attention,
 )
 
-# (fwd_m, fwd_n, fwd_warps, fwd_stages, bwd_m1, bwd_n1, bwd_m2, bwd_n2, bwd_warps, bwd_stages, atomic_dq)
+# changes to the default tile settings (TileSettings fields)
 SETTINGS = {
-    "default": None,
-    "dq-programs": (128, 128, 8, 2, 64, 128, 128, 64, 8, 3, False),
-    "atomic-s2": (128, 128, 8, 2, 64, 128, 128, 64, 8, 2, True),
-    "atomic-m32-s2": (128, 128, 8, 2, 32, 128, 128, 64, 8, 2, True),
-    "atomic-m32-s3": (128, 128, 8, 2, 32, 128, 128, 64, 8, 3, True),
-    "fwd-s3": (128, 128, 8, 3, 64, 128, 128, 64, 8, 3, True),
-    "fwd-128x64-s3": (128, 64, 8, 3, 64, 128, 128, 64, 8, 3, True),
+    "default": {},
+    "programs": dict(atomic_dq=False, split_bwd=False, align=False),
+    "programs-align": dict(atomic_dq=False, split_bwd=False, align=True),
+    "split": dict(atomic_dq=False, split_bwd=True, align=False),
+    "split-align": dict(atomic_dq=False, split_bwd=True, align=True),
+    "atomic": dict(atomic_dq=True, align=False),
+    "atomic-align": dict(atomic_dq=True, align=True),
+    "atomic-m32-align": dict(atomic_dq=True, align=True, bwd_m1=32, bwd_stages=2),
+    "fwd-s3": dict(fwd_stages=3),
+    "fwd-128x64-s3": dict(fwd_n=64, fwd_stages=3),
 }
 
 
@@ -90,7 +93,7 @@ def main() -> None:
             if time.perf_counter() - start > a.budget_s:
                 rows.append(dict(n=n, setting=name, loads=loads, skipped="time budget spent"))
                 continue
-            tiles = tile_settings(d, dev) if SETTINGS[name] is None else TileSettings(*SETTINGS[name])
+            tiles = TileSettings(**{**tile_settings(d, dev).__dict__, **SETTINGS[name]})
             fwd, fwdbwd = runner(lambda: triton_block_sparse_attention(
                 q, k, v, lists, block_size=bs, is_causal=False, scale=d**-0.5,
                 loads=None if loads == "auto" else loads, tiles=tiles))

@@ -25,6 +25,7 @@ from dilated_attention_pytorch.block_sparse.reference import (  # noqa: E402
 from dilated_attention_pytorch.block_sparse.triton_path import (  # noqa: E402
     TileSettings,
     layout_lists,
+    start_phases,
     tile_settings,
     triton_block_sparse_attention,
     triton_reasons,
@@ -65,15 +66,61 @@ def test_matches_reference(dtype, b, n, h, h_kv, d, causal, bs, lh, loads, lse_g
     check_against_reference(dtype, b, n, h, h_kv, d, causal, bs, lh, loads, lse_grad, None)
 
 
-def with_backward(atomic_dq: bool, bwd_m1: int) -> TileSettings:
+def with_backward(atomic_dq: bool, bwd_m1: int, split_bwd: bool = False) -> TileSettings:
     base = tile_settings(128, torch.device(DEVICE))
-    return TileSettings(**{**base.__dict__, "atomic_dq": atomic_dq, "bwd_m1": bwd_m1})
+    return TileSettings(**{**base.__dict__, "atomic_dq": atomic_dq, "bwd_m1": bwd_m1, "split_bwd": split_bwd})
 
 
-BACKWARDS = {  # dQ programs of their own; atomic dQ from 32-row query tiles (computed as (k^T dS^T)^T)
+BACKWARDS = {  # dQ programs in the dK/dV launch or in their own; atomic dQ from 32-row query tiles
     "dq-programs": with_backward(False, 64),
-    "atomic-m32": with_backward(True, 32),
+    "dq-programs-split": with_backward(False, 64, True),
+    "atomic-m32": with_backward(True, 32),  # computed as (k^T dS^T)^T
 }
+
+
+def test_start_phases_simulate_the_launch():
+    # two slots; programs of work 1, 2, 1, 1 start at 0, 0, 1, 2; the mean work is 1.25
+    phases = start_phases(torch.tensor([1.0, 2.0, 1.0, 1.0]), torch.zeros(4, dtype=torch.long), 2)
+    assert torch.allclose(phases, torch.tensor([0.0, 0.0, 0.8, 0.6]))
+    # equal work runs in plain waves: every program starts at its list's start
+    assert (start_phases(torch.full((50,), 3.0), torch.zeros(50, dtype=torch.long), 8) == 0).all()
+    # two kinds, each against its own mean: kind 1 (work 4) starts at 0 and 2 -> phases 0, 0.5
+    phases = start_phases(torch.tensor([1.0, 4.0, 1.0, 4.0]), torch.tensor([0, 1, 0, 1]), 2)
+    assert torch.allclose(phases, torch.tensor([0.0, 0.0, 0.0, 0.5]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backward", ["atomic", "dq-programs", "dq-programs-split"])
+def test_walks_from_later_list_entries_cover_every_block(causal, backward):
+    """Programs that start their walks past their lists' first entries (and wrap round) still see
+    every block once: long lists and a launch simulated on two slots give such starts."""
+    n, h, bs = 8 * 128 - 37, 2, 128
+    tiles = with_backward(backward == "atomic", 64, backward.endswith("split"))
+    layout = (torch.rand(h, 8, 8) < 0.6).to(DEVICE)
+    layout[:, range(8), range(8)] = True
+    lists = layout_lists(layout, n, bs, causal)
+    from dilated_attention_pytorch.block_sparse.triton_path import _bwd_phases, _fwd_phases
+
+    dev = torch.device(DEVICE)
+    rows = torch.arange(-(-n // tiles.fwd_m)) * tiles.fwd_m // bs
+    firsts = (_fwd_phases(lists, 1, h, n, bs, tiles, dev).view(h, -1).cpu() * lists.kv_full_num[:, rows].cpu()).floor()
+    bwd = _bwd_phases(lists, 1, h, 1, n, bs, tiles, backward == "atomic", "kv", dev)
+    if DEVICE == "cpu":  # two slots: some walks start past entry 0
+        assert firsts.max() >= 1 and bwd.max() > 0
+    q, k, v = rand_qkv(1, n, h, 1, 16, device=DEVICE)
+    ref, _ = reference_block_sparse_attention(q, k, v, layout, block_size=bs, is_causal=causal)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    ql, kl, vl = (x.detach().to(DTYPES[-1]).requires_grad_() for x in (q, k, v))
+    out, _ = triton_block_sparse_attention(ql, kl, vl, lists, block_size=bs, is_causal=causal, scale=16**-0.5,
+                                           tiles=tiles)
+    grads = torch.autograd.grad(out, (ql, kl, vl), g.to(out.dtype))
+    qp, kp, vp = (x.detach().to(DTYPES[-1]).requires_grad_() for x in (q, k, v))
+    plain, _ = plain_attention(qp, kp, vp, layout, bs, causal)
+    plain_grads = torch.autograd.grad(plain, (qp, kp, vp), g.to(plain.dtype))
+    assert rel_err(out, ref) <= 2 * rel_err(plain, ref) + 1e-4
+    for gr, r, p in zip(grads, ref_grads, plain_grads):
+        assert rel_err(gr, r) <= 2 * rel_err(p, r) + 1e-4
 
 
 @pytest.mark.parametrize("backward", list(BACKWARDS))

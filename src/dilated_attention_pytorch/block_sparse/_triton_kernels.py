@@ -60,13 +60,32 @@ def _key_ok(offs_m, start_n, n, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, idx_ptr, num, b, hk, offs_m, n, d, qk_scale,
+def _first(PHASE, num, ALIGN: tl.constexpr):
+    """Where this program starts walking its list of ``num`` blocks: at its phase's share of the list
+    (then round to the start), so that the programs running at one time walk nearby blocks (see
+    ``triton_path.start_phases``); 0 without ``ALIGN``."""
+    if ALIGN:
+        prog = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+        return tl.minimum((tl.load(PHASE + prog) * num).to(tl.int32), tl.maximum(num - 1, 0))
+    else:
+        return 0
+
+
+@triton.jit
+def _block(idx_ptr, i, first, num, TILES: tl.constexpr):
+    """Block index of step ``i`` of a walk that starts at list entry ``first`` and wraps around."""
+    j = i // TILES + first
+    return tl.load(idx_ptr + tl.where(j >= num, j - num, j))
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, K, V, idx_ptr, num, first, b, hk, offs_m, n, d, qk_scale,
                skb, skn, skh, svb, svn, svh,
                MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
                SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
     TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_N
     for i in tl.range(0, num * TILES):
-        start_n = tl.load(idx_ptr + i // TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_N
+        start_n = _block(idx_ptr, i, first, num, TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_N
         k = _tile(K, b, start_n, hk, n, skb, skn, skh, d, BLOCK_N, DP, USE_TMA)
         v = _tile(V, b, start_n, hk, n, svb, svn, svh, d, BLOCK_N, DP, USE_TMA)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -89,10 +108,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, idx_ptr, num, b, hk, offs_m, n, d, qk_sca
 def block_sparse_fwd(
     Q, K, V, O, LSE,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
-    PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, s_num_h, s_idx_h, s_idx_r,
+    PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, s_num_h, s_idx_h, s_idx_r, PHASE,
     n, d, H, GROUP, LAYOUT_HEAD_STRIDE, qk_scale,
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
-    SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
+    SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, head). Writes O and the LSE (natural log)."""
     qt = tl.program_id(0)
@@ -109,11 +128,12 @@ def block_sparse_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
     num = tl.load(PART_NUM + lh * s_num_h + row)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, PART_IDX + lh * s_idx_h + row * s_idx_r, num, b, hk, offs_m,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, PART_IDX + lh * s_idx_h + row * s_idx_r, num, 0, b, hk, offs_m,
                                n, d, qk_scale, skb, skn, skh, svb, svn, svh,
                                True, IS_CAUSAL, BLOCK_N, DP, SPARSE_BLOCK, USE_TMA)
     num = tl.load(FULL_NUM + lh * s_num_h + row)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, FULL_IDX + lh * s_idx_h + row * s_idx_r, num, b, hk, offs_m,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, FULL_IDX + lh * s_idx_h + row * s_idx_r, num,
+                               _first(PHASE, num, ALIGN), b, hk, offs_m,
                                n, d, qk_scale, skb, skn, skh, svb, svn, svh,
                                False, IS_CAUSAL, BLOCK_N, DP, SPARSE_BLOCK, USE_TMA)
     empty = l_i == 0.0
@@ -173,14 +193,14 @@ def _add_dq(DQA, dq, b, row0, head, n, sab, san, sah, d, ROWS: tl.constexpr, DP:
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, DQA, LSE, DELTA, idx_ptr, num, b, hq, bhq, offs_n, n, d, qk_scale, scale,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, DQA, LSE, DELTA, idx_ptr, num, first, b, hq, bhq, offs_n, n, d, qk_scale, scale,
                 sqb, sqn, sqh, sdb, sdn, sdh, sab, san, sah,
                 MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DP: tl.constexpr,
                 SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                 ADD_TMA: tl.constexpr):
     TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_M
     for i in tl.range(0, num * TILES):
-        start_m = tl.load(idx_ptr + i // TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_M
+        start_m = _block(idx_ptr, i, first, num, TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _tile(Q, b, start_m, hq, n, sqb, sqn, sqh, d, BLOCK_M, DP, USE_TMA)
         lse, delta = _row_stats(LSE, DELTA, bhq, offs_m, n, EVEN_N)
@@ -205,18 +225,18 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, DQA, LSE, DELTA, idx_ptr, num, b, hq, bhq, 
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, idx_ptr, num, b, hk, offs_m, n, d, qk_scale,
+def _dq_tiles(dq, q, do, lse, delta, K, V, idx_ptr, num, first, b, hk, offs_m, n, d, qk_scale,
               skb, skn, skh, svb, svn, svh,
               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
               SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
     TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_N
     for i in tl.range(0, num * TILES):
-        start_n = tl.load(idx_ptr + i // TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_N
+        start_n = _block(idx_ptr, i, first, num, TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_N
         k = _tile(K, b, start_n, hk, n, skb, skn, skh, d, BLOCK_N, DP, USE_TMA)
-        v = _tile(V, b, start_n, hk, n, svb, svn, svh, d, BLOCK_N, DP, USE_TMA)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         if MASK:
             p = tl.where(_key_ok(offs_m, start_n, n, BLOCK_N, IS_CAUSAL), p, 0.0)
+        v = _tile(V, b, start_n, hk, n, svb, svn, svh, d, BLOCK_N, DP, USE_TMA)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -229,67 +249,88 @@ def block_sparse_bwd(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh,
     sdqb, sdqn, sdqh, sab, san, sah, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
     KV_PART_NUM, KV_PART_IDX, KV_FULL_NUM, KV_FULL_IDX,
-    Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r,
+    Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r, PHASE,
     n, d, H, H_KV, GROUP: tl.constexpr, LAYOUT_HEAD_STRIDE, qk_scale, scale, KV_TILES, Q_TILES,
     IS_CAUSAL: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
     BLOCK_N2: tl.constexpr, DP: tl.constexpr, SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
-    EVEN_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, ADD_TMA: tl.constexpr,
+    EVEN_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, ADD_TMA: tl.constexpr, ALIGN: tl.constexpr,
+    PROGRAMS: tl.constexpr,
 ):
     """Programs ``0 .. KV_TILES``: dK, dV of BLOCK_N1 keys of one (batch, kv head), over the query
     blocks (of every head in its group) that list their key block. With ``ATOMIC_DQ`` these programs
     also add each query tile's share of dQ into the float32 ``DQA`` (atomically; ``ADD_TMA`` says how,
     as ``USE_TMA`` says for loads: Triton's interpreter has no descriptor reduce) and are the only ones;
     without it, programs ``KV_TILES ..`` compute dQ of BLOCK_M2 queries of one (batch, query head) over
-    the key blocks its row lists (two more products per tile pair, but a deterministic sum). ``Q``, ``K``,
+    the key blocks its row lists (two more products per tile pair, but a deterministic sum). ``PROGRAMS``
+    1 or 2 launches only the first or the second kind (each then needs fewer registers; pass KV_TILES 0
+    for the second), 0 both. ``Q``, ``K``,
     ``V``, ``DO`` are the first kind's operands (tiles of BLOCK_M1 / BLOCK_N1 rows), ``Q2 .. DO2`` the
     second's (BLOCK_M2 / BLOCK_N2); without TMA both are the same pointers."""
     pid = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // H_KV
     hk = bhk % H_KV
-    if ATOMIC_DQ:
+    if ATOMIC_DQ or PROGRAMS == 1:
         _dkdv_program(pid, b, hk, Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                       sdb, sdn, sdh, sab, san, sah, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
-                      Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r,
+                      Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r, PHASE,
                       n, d, H, GROUP, LAYOUT_HEAD_STRIDE, qk_scale, scale,
-                      IS_CAUSAL, BLOCK_M1, BLOCK_N1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, True, ADD_TMA)
+                      IS_CAUSAL, BLOCK_M1, BLOCK_N1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, ATOMIC_DQ, ADD_TMA, ALIGN)
+    elif PROGRAMS == 2:
+        _dq_program(pid, b, hk, Q2, K2, V2, DO2, DQ, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+                    sdb, sdn, sdh, sdqb, sdqn, sdqh, KV_PART_NUM, KV_PART_IDX, KV_FULL_NUM, KV_FULL_IDX,
+                    s_num_h, s_idx_h, s_idx_r, PHASE, n, d, H, GROUP, LAYOUT_HEAD_STRIDE, qk_scale, scale, Q_TILES,
+                    IS_CAUSAL, BLOCK_M2, BLOCK_N2, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, ALIGN)
     elif pid < KV_TILES:
         _dkdv_program(pid, b, hk, Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                       sdb, sdn, sdh, sab, san, sah, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
-                      Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r,
+                      Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r, PHASE,
                       n, d, H, GROUP, LAYOUT_HEAD_STRIDE, qk_scale, scale,
-                      IS_CAUSAL, BLOCK_M1, BLOCK_N1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, False, 0)
+                      IS_CAUSAL, BLOCK_M1, BLOCK_N1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, False, 0, ALIGN)
     else:
-        off = pid - KV_TILES
-        hq = hk * GROUP + off // Q_TILES
-        start_m = (off % Q_TILES) * BLOCK_M2
-        row = start_m // SPARSE_BLOCK
-        bhq = b * H + hq
-        lh = hq * LAYOUT_HEAD_STRIDE
-        offs_m = start_m + tl.arange(0, BLOCK_M2)
-        q = _tile(Q2, b, start_m, hq, n, sqb, sqn, sqh, d, BLOCK_M2, DP, USE_TMA)
-        do = _tile(DO2, b, start_m, hq, n, sdb, sdn, sdh, d, BLOCK_M2, DP, USE_TMA)
-        lse, delta = _row_stats(LSE, DELTA, bhq, offs_m, n, EVEN_N)
-        dq = tl.zeros([BLOCK_M2, DP], tl.float32)
-        num = tl.load(KV_PART_NUM + lh * s_num_h + row)
-        dq = _dq_tiles(dq, q, do, lse, delta, K2, V2, KV_PART_IDX + lh * s_idx_h + row * s_idx_r, num, b, hk, offs_m,
-                       n, d, qk_scale, skb, skn, skh, svb, svn, svh,
-                       True, IS_CAUSAL, BLOCK_N2, DP, SPARSE_BLOCK, USE_TMA)
-        num = tl.load(KV_FULL_NUM + lh * s_num_h + row)
-        dq = _dq_tiles(dq, q, do, lse, delta, K2, V2, KV_FULL_IDX + lh * s_idx_h + row * s_idx_r, num, b, hk, offs_m,
-                       n, d, qk_scale, skb, skn, skh, svb, svn, svh,
-                       False, IS_CAUSAL, BLOCK_N2, DP, SPARSE_BLOCK, USE_TMA)
-        _store_tile(DQ, dq * scale, b, start_m, hq, n, sdqb, sdqn, sdqh, d, BLOCK_M2, DP)
+        _dq_program(pid - KV_TILES, b, hk, Q2, K2, V2, DO2, DQ, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn,
+                    svh, sdb, sdn, sdh, sdqb, sdqn, sdqh, KV_PART_NUM, KV_PART_IDX, KV_FULL_NUM, KV_FULL_IDX,
+                    s_num_h, s_idx_h, s_idx_r, PHASE, n, d, H, GROUP, LAYOUT_HEAD_STRIDE, qk_scale, scale, Q_TILES,
+                    IS_CAUSAL, BLOCK_M2, BLOCK_N2, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, ALIGN)
+
+
+@triton.jit
+def _dq_program(off, b, hk, Q2, K2, V2, DO2, DQ, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+                sdb, sdn, sdh, sdqb, sdqn, sdqh, KV_PART_NUM, KV_PART_IDX, KV_FULL_NUM, KV_FULL_IDX,
+                s_num_h, s_idx_h, s_idx_r, PHASE, n, d, H, GROUP: tl.constexpr, LAYOUT_HEAD_STRIDE, qk_scale, scale,
+                Q_TILES, IS_CAUSAL: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, DP: tl.constexpr,
+                SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr, ALIGN: tl.constexpr):
+    """dQ of query tile ``off % Q_TILES`` of query head ``off // Q_TILES`` of kv head ``hk``'s group."""
+    hq = hk * GROUP + off // Q_TILES
+    start_m = (off % Q_TILES) * BLOCK_M2
+    row = start_m // SPARSE_BLOCK
+    bhq = b * H + hq
+    lh = hq * LAYOUT_HEAD_STRIDE
+    offs_m = start_m + tl.arange(0, BLOCK_M2)
+    q = _tile(Q2, b, start_m, hq, n, sqb, sqn, sqh, d, BLOCK_M2, DP, USE_TMA)
+    do = _tile(DO2, b, start_m, hq, n, sdb, sdn, sdh, d, BLOCK_M2, DP, USE_TMA)
+    lse, delta = _row_stats(LSE, DELTA, bhq, offs_m, n, EVEN_N)
+    dq = tl.zeros([BLOCK_M2, DP], tl.float32)
+    num = tl.load(KV_PART_NUM + lh * s_num_h + row)
+    dq = _dq_tiles(dq, q, do, lse, delta, K2, V2, KV_PART_IDX + lh * s_idx_h + row * s_idx_r, num, 0, b, hk, offs_m,
+                   n, d, qk_scale, skb, skn, skh, svb, svn, svh,
+                   True, IS_CAUSAL, BLOCK_N2, DP, SPARSE_BLOCK, USE_TMA)
+    num = tl.load(KV_FULL_NUM + lh * s_num_h + row)
+    dq = _dq_tiles(dq, q, do, lse, delta, K2, V2, KV_FULL_IDX + lh * s_idx_h + row * s_idx_r, num,
+                   _first(PHASE, num, ALIGN), b, hk, offs_m,
+                   n, d, qk_scale, skb, skn, skh, svb, svn, svh,
+                   False, IS_CAUSAL, BLOCK_N2, DP, SPARSE_BLOCK, USE_TMA)
+    _store_tile(DQ, dq * scale, b, start_m, hq, n, sdqb, sdqn, sdqh, d, BLOCK_M2, DP)
 
 
 @triton.jit
 def _dkdv_program(pid, b, hk, Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                   sdb, sdn, sdh, sab, san, sah, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
-                  Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r,
+                  Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r, PHASE,
                   n, d, H, GROUP: tl.constexpr, LAYOUT_HEAD_STRIDE, qk_scale, scale,
                   IS_CAUSAL: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, DP: tl.constexpr,
                   SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                  ADD_TMA: tl.constexpr):
+                  ADD_TMA: tl.constexpr, ALIGN: tl.constexpr):
     """dK, dV of key tile ``pid`` of (batch ``b``, kv head ``hk``) (and dQ's shares, with ATOMIC_DQ)."""
     start_n = pid * BLOCK_N1
     col = start_n // SPARSE_BLOCK
@@ -303,11 +344,12 @@ def _dkdv_program(pid, b, hk, Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqb, sqn, sq
         bhq = b * H + hq
         lh = hq * LAYOUT_HEAD_STRIDE
         num = tl.load(Q_PART_NUM + lh * s_num_h + col)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQA, LSE, DELTA, Q_PART_IDX + lh * s_idx_h + col * s_idx_r, num,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQA, LSE, DELTA, Q_PART_IDX + lh * s_idx_h + col * s_idx_r, num, 0,
                              b, hq, bhq, offs_n, n, d, qk_scale, scale, sqb, sqn, sqh, sdb, sdn, sdh, sab, san, sah,
                              True, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, ATOMIC_DQ, ADD_TMA)
         num = tl.load(Q_FULL_NUM + lh * s_num_h + col)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQA, LSE, DELTA, Q_FULL_IDX + lh * s_idx_h + col * s_idx_r, num,
+                             _first(PHASE, num, ALIGN),
                              b, hq, bhq, offs_n, n, d, qk_scale, scale, sqb, sqn, sqh, sdb, sdn, sdh, sab, san, sah,
                              False, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, ATOMIC_DQ, ADD_TMA)
     _store_tile(DK, dk * scale, b, start_n, hk, n, sdkb, sdkn, sdkh, d, BLOCK_N1, DP)

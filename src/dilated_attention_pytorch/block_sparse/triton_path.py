@@ -12,13 +12,14 @@ them).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import heapq
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-__all__ = ["LOADS", "TileSettings", "TritonLists", "layout_lists", "tile_settings", "triton_block_sparse_attention",
-           "triton_reasons"]
+__all__ = ["LOADS", "TileSettings", "TritonLists", "layout_lists", "start_phases", "tile_settings",
+           "triton_block_sparse_attention", "triton_reasons"]
 
 TRITON_TILE = 128  # the layout's blocks must be whole multiples of the kernels' largest tile
 
@@ -47,7 +48,8 @@ class TritonLists:
     """Per layout head (1 or h): for each query block, the key blocks it sees (``kv_*``), and for each
     key block, the query blocks that see it (``q_*``); each split into *partial* blocks (a token mask
     applies: the causal diagonal, the last key block when ``n % block_size != 0``) and *full* ones.
-    ``*_num`` are ``(H, nb)`` int32 counts; ``*_idx`` ``(H, nb, width)`` int32, ascending, all one width."""
+    ``*_num`` are ``(H, nb)`` int32 counts; ``*_idx`` ``(H, nb, width)`` int32, ascending, all one width.
+    ``phases`` holds each launch configuration's program phases (:func:`start_phases`), made on first use."""
 
     kv_part_num: torch.Tensor
     kv_part_idx: torch.Tensor
@@ -58,6 +60,7 @@ class TritonLists:
     q_full_num: torch.Tensor
     q_full_idx: torch.Tensor
     active_blocks: int
+    phases: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def layout_lists(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: bool) -> TritonLists:
@@ -88,10 +91,12 @@ def layout_lists(layout: torch.Tensor, seq_len: int, block_size: int, is_causal:
 @dataclass(frozen=True)
 class TileSettings:
     """Launch settings: forward query/key tiles; backward key tile and its query tile (dK, dV), query
-    tile and its key tile (dQ); warps and pipeline stages of each kernel. ``atomic_dq``: the dK/dV
+    tile and its key tile (dQ); warps and pipeline stages of each kernel. ``align``: programs start their
+    block walks where the programs running beside them are (:func:`start_phases`). ``atomic_dq``: the dK/dV
     programs also add dQ's shares into a float32 buffer (five products per tile pair instead of seven,
     but the sum's order varies from run to run); off, or under
-    ``torch.use_deterministic_algorithms(True)``, separate dQ programs recompute them (bit-reproducible)."""
+    ``torch.use_deterministic_algorithms(True)``, separate dQ programs recompute them (bit-reproducible);
+    ``split_bwd``: those dQ programs in a launch of their own (each kernel then needs fewer registers)."""
 
     fwd_m: int
     fwd_n: int
@@ -104,6 +109,8 @@ class TileSettings:
     bwd_warps: int
     bwd_stages: int
     atomic_dq: bool = True
+    align: bool = True
+    split_bwd: bool = False
 
 
 def tile_settings(head_dim: int, device: torch.device) -> TileSettings:
@@ -182,8 +189,10 @@ def _forward(q, k, v, lists: TritonLists, block_size: int, is_causal: bool, scal
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         lists.kv_part_num, lists.kv_part_idx, lists.kv_full_num, lists.kv_full_idx,
         lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
+        _fwd_phases(lists, b, h, n, block_size, ts, q.device) if ts.align else lse,
         n, d, h, group, layout_head, scale * math.log2(math.e),
         IS_CAUSAL=is_causal, BLOCK_M=ts.fwd_m, BLOCK_N=ts.fwd_n, DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode,
+        ALIGN=ts.align,
         num_warps=ts.fwd_warps, num_stages=ts.fwd_stages,
     )
     return out, lse
@@ -217,23 +226,118 @@ def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     kv_tiles, q_tiles = _cdiv(n, ts.bwd_n1), _cdiv(n, ts.bwd_m2)
     layout_head = 1 if lists.kv_full_num.shape[0] > 1 else 0
-    block_sparse_bwd[(kv_tiles + (0 if atomic else group * q_tiles), b * h_kv)](
-        _operand(q, ts.bwd_m1, dp, mode), _operand(k, ts.bwd_n1, dp, mode),
-        _operand(v, ts.bwd_n1, dp, mode), _operand(dout, ts.bwd_m1, dp, mode),
-        _operand(q, ts.bwd_m2, dp, mode), _operand(k, ts.bwd_n2, dp, mode),
-        _operand(v, ts.bwd_n2, dp, mode), _operand(dout, ts.bwd_m2, dp, mode),
-        dq, _operand(dq_sums, ts.bwd_m1, dp, add_mode), dk, dv, lse, delta,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-        *dq.stride()[:3], *dq_sums.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        lists.kv_part_num, lists.kv_part_idx, lists.kv_full_num, lists.kv_full_idx,
-        lists.q_part_num, lists.q_part_idx, lists.q_full_num, lists.q_full_idx,
-        lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
-        n, d, h, h_kv, group, layout_head, scale * math.log2(math.e), scale, kv_tiles, q_tiles,
-        IS_CAUSAL=is_causal, BLOCK_M1=ts.bwd_m1, BLOCK_N1=ts.bwd_n1, BLOCK_M2=ts.bwd_m2, BLOCK_N2=ts.bwd_n2,
-        DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode, EVEN_N=n % max(ts.bwd_m1, ts.bwd_m2) == 0,
-        ATOMIC_DQ=atomic, ADD_TMA=add_mode, num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
-    )
+
+    def launch(programs: int, which: str) -> None:  # programs: 0 both kinds, 1 dK/dV, 2 dQ (see the kernel)
+        grid = (kv_tiles if which == "kv" else group * q_tiles if which == "q" else kv_tiles + group * q_tiles,
+                b * h_kv)
+        block_sparse_bwd[grid](
+            _operand(q, ts.bwd_m1, dp, mode), _operand(k, ts.bwd_n1, dp, mode),
+            _operand(v, ts.bwd_n1, dp, mode), _operand(dout, ts.bwd_m1, dp, mode),
+            _operand(q, ts.bwd_m2, dp, mode), _operand(k, ts.bwd_n2, dp, mode),
+            _operand(v, ts.bwd_n2, dp, mode), _operand(dout, ts.bwd_m2, dp, mode),
+            dq, _operand(dq_sums, ts.bwd_m1, dp, add_mode), dk, dv, lse, delta,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+            *dq.stride()[:3], *dq_sums.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+            lists.kv_part_num, lists.kv_part_idx, lists.kv_full_num, lists.kv_full_idx,
+            lists.q_part_num, lists.q_part_idx, lists.q_full_num, lists.q_full_idx,
+            lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
+            _bwd_phases(lists, b, h, h_kv, n, block_size, ts, atomic, which, q.device) if ts.align else delta,
+            n, d, h, h_kv, group, layout_head, scale * math.log2(math.e), scale,
+            0 if which == "q" else kv_tiles, q_tiles,
+            IS_CAUSAL=is_causal, BLOCK_M1=ts.bwd_m1, BLOCK_N1=ts.bwd_n1, BLOCK_M2=ts.bwd_m2, BLOCK_N2=ts.bwd_n2,
+            DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode, EVEN_N=n % max(ts.bwd_m1, ts.bwd_m2) == 0,
+            ATOMIC_DQ=atomic, ADD_TMA=add_mode, ALIGN=ts.align, PROGRAMS=programs,
+            num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
+        )
+
+    if atomic:
+        launch(1, "kv")
+    elif ts.split_bwd:
+        launch(1, "kv")
+        launch(2, "q")
+    else:
+        launch(0, "both")
     return (dq_sums.to(q.dtype) if atomic else dq), dk, dv
+
+
+def start_phases(work: torch.Tensor, kind: torch.Tensor, slots: int) -> torch.Tensor:
+    """Each program's phase in [0, 1): where in its block list it should start so that the programs
+    running at one time walk nearby blocks.
+
+    Each program walks a list of key (or query) blocks in ascending order. When all programs take
+    equal time they run in waves, each wave walking the sequence side by side, and the blocks one wave
+    reads stay in L2. Lists differ in length, so over many waves the programs running together drift
+    to different places in the sequence and together read all of a head's keys and values at once (at
+    256K tokens, 128 MB per head: more than the L2). So the launch is simulated: ``slots`` programs
+    run at once, each taking time ``work`` and the next in launch order starting when one ends; a
+    program that starts at time ``t`` starts its walk at the fraction ``frac(t / T)`` of its list
+    (wrapping round), with ``T`` the mean work of programs of its ``kind``. Programs of equal work
+    get phase 0 (plain waves). Only the order of a sum over blocks changes.
+
+    ``work`` (P,) float in launch order, ``kind`` (P,) int64 (programs of different kinds have
+    different mean lengths) -> (P,) float32 on ``work``'s device.
+    """
+    w = work.double().cpu()
+    free = [0.0] * max(1, min(slots, w.numel()))
+    starts = []
+    for x in w.tolist():
+        starts.append(heapq.heapreplace(free, free[0] + x))
+    kind = kind.cpu()
+    count = torch.zeros(int(kind.max()) + 1, dtype=torch.float64).index_add_(0, kind, torch.ones_like(w))
+    period = torch.zeros_like(count).index_add_(0, kind, w) / count.clamp_min(1)
+    phase = torch.frac(torch.tensor(starts, dtype=torch.float64) / period[kind].clamp_min(1e-9))
+    return phase.float().to(work.device)
+
+
+def _slots(device: torch.device) -> int:
+    """Programs that run at once: one per multiprocessor (the kernels' shared memory holds no more at
+    the GPU tiles); 2 in the interpreter, so that CPU tests walk from phases other than 0."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def _per_head(num: torch.Tensor, h: int) -> torch.Tensor:
+    return num.expand(h, -1) if num.shape[0] == 1 else num
+
+
+def _fwd_phases(lists: TritonLists, b: int, h: int, n: int, block_size: int, ts: TileSettings,
+                device: torch.device) -> torch.Tensor:
+    slots = _slots(device)
+    key = ("fwd", b, h, n, block_size, ts.fwd_m, ts.fwd_n, slots)
+    if key not in lists.phases:
+        rows = torch.arange(_cdiv(n, ts.fwd_m), device=lists.kv_full_num.device) * ts.fwd_m // block_size
+        blocks = _per_head(lists.kv_part_num + lists.kv_full_num, h)[:, rows].double()  # (h, q tiles)
+        work = (blocks * (block_size // ts.fwd_n) + 1).repeat(b, 1).flatten()  # + 1: the program's own loads
+        lists.phases[key] = start_phases(work, torch.zeros(work.numel(), dtype=torch.long), slots)
+    return lists.phases[key]
+
+
+def _bwd_phases(lists: TritonLists, b: int, h: int, h_kv: int, n: int, block_size: int, ts: TileSettings,
+                atomic: bool, which: str, device: torch.device) -> torch.Tensor:
+    """Phases of a backward launch of dK/dV programs (``which`` "kv"), dQ programs ("q") or both."""
+    slots = _slots(device)
+    key = ("bwd", which, b, h, h_kv, n, block_size, ts.bwd_m1, ts.bwd_n1, ts.bwd_m2, ts.bwd_n2, atomic, slots)
+    if key not in lists.phases:
+        group = h // h_kv
+        dev = lists.kv_full_num.device
+        # work in products of tiles: dK/dV steps make 4 (5 with atomic dQ) of m1 x n1, dQ steps 3 of m2 x n2
+        cols = torch.arange(_cdiv(n, ts.bwd_n1), device=dev) * ts.bwd_n1 // block_size
+        per_col = _per_head(lists.q_part_num + lists.q_full_num, h)[:, cols].double()  # (h, kv tiles)
+        kv_work = per_col.view(h_kv, group, -1).sum(1) * (block_size // ts.bwd_m1) * (5 if atomic else 4)
+        kv_work = (kv_work + 1) * ts.bwd_m1 * ts.bwd_n1  # (h_kv, kv tiles)
+        parts, kinds = [], []
+        if which != "q":
+            parts.append(kv_work)
+            kinds.append(torch.zeros_like(kv_work, dtype=torch.long))
+        if which != "kv":
+            rows = torch.arange(_cdiv(n, ts.bwd_m2), device=dev) * ts.bwd_m2 // block_size
+            per_row = _per_head(lists.kv_part_num + lists.kv_full_num, h)[:, rows].double()  # (h, q tiles)
+            q_work = (per_row * (block_size // ts.bwd_n2) * 3 + 1) * ts.bwd_m2 * ts.bwd_n2
+            parts.append(q_work.reshape(h_kv, -1))  # (h_kv, group * q tiles): the programs of each kv head
+            kinds.append(torch.ones_like(parts[-1], dtype=torch.long))
+        work = torch.cat(parts, 1).repeat(b, 1).flatten()
+        kind = torch.cat(kinds, 1).repeat(b, 1).flatten()
+        lists.phases[key] = start_phases(work, kind, slots)
+    return lists.phases[key]
 
 
 def _cdiv(a: int, b: int) -> int:
