@@ -4,7 +4,7 @@
    including through the LSE) for the Triton, FlexAttention and portable paths, in bf16; the error must
    stay within 2x that of dense masked SDPA in bf16 (plus a small floor).
 2. bf16, h=16, d=128, block 128, ~10% density random per-head layout, n = 64K and 256K: forward+backward
-   time of ``block_sparse_attention`` (the backend "auto" picks, and FlexAttention) against dense cuDNN
+   time of ``block_sparse_attention`` (the backend "auto" picks, FlexAttention, our Triton kernels) against dense cuDNN
    SDPA (``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)``), and TF/s per active block against the dense
    kernel's.
 
@@ -174,6 +174,8 @@ def main() -> None:
         (1000, 16, 16, False, "flex", True),  # gradient through the LSE
         (1000, 16, 16, False, "triton", True),  # n % block != 0, LSE gradient
         (1024, 16, 4, True, "triton", False),  # GQA, causal
+        (8192 - 50, 16, 16, False, "triton", True),  # 1024 programs: walks start at nonzero phases
+        (8192, 16, 4, True, "triton", False),  # the same with GQA, causal
         (1000, 16, 4, True, "portable", True),  # n % block != 0 (masked last tile), LSE gradient
         (1024, 16, 4, True, "portable", False),  # fused CUDA kernels per tile group
     ]

@@ -30,13 +30,9 @@ from dilated_attention_pytorch.block_sparse.triton_path import (
 # changes to the default tile settings (TileSettings fields)
 SETTINGS = {
     "default": {},
-    "programs": dict(atomic_dq=False, split_bwd=False, align=False),
-    "programs-align": dict(atomic_dq=False, split_bwd=False, align=True),
-    "split": dict(atomic_dq=False, split_bwd=True, align=False),
-    "split-align": dict(atomic_dq=False, split_bwd=True, align=True),
-    "atomic": dict(atomic_dq=True, align=False),
-    "atomic-align": dict(atomic_dq=True, align=True),
-    "atomic-m32-align": dict(atomic_dq=True, align=True, bwd_m1=32, bwd_stages=2),
+    "one-launch": dict(split_bwd=False, align=False),
+    "one-launch-align": dict(split_bwd=False, align=True),
+    "unaligned": dict(align=False),
     "fwd-s3": dict(fwd_stages=3),
     "fwd-128x64-s3": dict(fwd_n=64, fwd_stages=3),
 }

@@ -179,25 +179,10 @@ def _row_stats(LSE, DELTA, bh, offs_m, n, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _add_dq(DQA, dq, b, row0, head, n, sab, san, sah, d, ROWS: tl.constexpr, DP: tl.constexpr, ADD_TMA: tl.constexpr):
-    """Adds a (ROWS, DP) float32 dQ tile into ``DQA[b, row0 : row0 + ROWS, head]`` (atomically: other
-    key tiles add into the same rows); rows past the end are dropped. ``ADD_TMA`` as ``USE_TMA``
-    (descriptors: the bulk copy engine's reduce-add)."""
-    if ADD_TMA == 2:
-        DQA.atomic_add([b * n + row0, head * DP], dq)
-    elif ADD_TMA == 1:
-        DQA.atomic_add([b, row0, head, 0], dq.reshape(1, ROWS, 1, DP))
-    else:
-        ptrs, mask = _tile_ptrs(DQA, b, row0, head, n, sab, san, sah, d, ROWS, DP)
-        tl.atomic_add(ptrs, dq, mask=mask, sem="relaxed")
-
-
-@triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, DQA, LSE, DELTA, idx_ptr, num, first, b, hq, bhq, offs_n, n, d, qk_scale, scale,
-                sqb, sqn, sqh, sdb, sdn, sdh, sab, san, sah,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, idx_ptr, num, first, b, hq, bhq, offs_n, n, d, qk_scale,
+                sqb, sqn, sqh, sdb, sdn, sdh,
                 MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DP: tl.constexpr,
-                SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                ADD_TMA: tl.constexpr):
+                SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr):
     TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_M
     for i in tl.range(0, num * TILES):
         start_m = _block(idx_ptr, i, first, num, TILES) * SPARSE_BLOCK + (i % TILES) * BLOCK_M
@@ -215,12 +200,6 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, DQA, LSE, DELTA, idx_ptr, num, first, b, hq
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk)
-        if ATOMIC_DQ:
-            if BLOCK_M >= 64:
-                dq = tl.dot(tl.trans(ds_t), k) * scale
-            else:  # as (k^T ds_t)^T: Hopper's matrix instructions need 64 rows
-                dq = tl.trans(tl.dot(tl.trans(k), ds_t)) * scale
-            _add_dq(DQA, dq, b, start_m, hq, n, sab, san, sah, d, BLOCK_M, DP, ADD_TMA)
     return dk, dv
 
 
@@ -245,48 +224,38 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, idx_ptr, num, first, b, hk, offs_m, n
 
 @triton.jit
 def block_sparse_bwd(
-    Q, K, V, DO, Q2, K2, V2, DO2, DQ, DQA, DK, DV, LSE, DELTA,
+    Q, K, V, DO, Q2, K2, V2, DO2, DQ, DK, DV, LSE, DELTA,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh,
-    sdqb, sdqn, sdqh, sab, san, sah, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+    sdqb, sdqn, sdqh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
     KV_PART_NUM, KV_PART_IDX, KV_FULL_NUM, KV_FULL_IDX,
     Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r, PHASE,
     n, d, H, H_KV, GROUP: tl.constexpr, LAYOUT_HEAD_STRIDE, qk_scale, scale, KV_TILES, Q_TILES,
     IS_CAUSAL: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
     BLOCK_N2: tl.constexpr, DP: tl.constexpr, SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
-    EVEN_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, ADD_TMA: tl.constexpr, ALIGN: tl.constexpr,
-    PROGRAMS: tl.constexpr,
+    EVEN_N: tl.constexpr, ALIGN: tl.constexpr, PROGRAMS: tl.constexpr,
 ):
     """Programs ``0 .. KV_TILES``: dK, dV of BLOCK_N1 keys of one (batch, kv head), over the query
-    blocks (of every head in its group) that list their key block. With ``ATOMIC_DQ`` these programs
-    also add each query tile's share of dQ into the float32 ``DQA`` (atomically; ``ADD_TMA`` says how,
-    as ``USE_TMA`` says for loads: Triton's interpreter has no descriptor reduce) and are the only ones;
-    without it, programs ``KV_TILES ..`` compute dQ of BLOCK_M2 queries of one (batch, query head) over
-    the key blocks its row lists (two more products per tile pair, but a deterministic sum). ``PROGRAMS``
-    1 or 2 launches only the first or the second kind (each then needs fewer registers; pass KV_TILES 0
-    for the second), 0 both. ``Q``, ``K``,
-    ``V``, ``DO`` are the first kind's operands (tiles of BLOCK_M1 / BLOCK_N1 rows), ``Q2 .. DO2`` the
-    second's (BLOCK_M2 / BLOCK_N2); without TMA both are the same pointers."""
+    blocks (of every head in its group) that list their key block; then programs ``KV_TILES ..``: dQ of
+    BLOCK_M2 queries of one (batch, query head) over the key blocks its row lists. ``PROGRAMS`` 1 or 2
+    launches only the first or the second kind (each then needs fewer registers; pass KV_TILES 0 for
+    the second), 0 both. ``Q``, ``K``, ``V``, ``DO`` are the first kind's operands (tiles of BLOCK_M1 /
+    BLOCK_N1 rows), ``Q2 .. DO2`` the second's (BLOCK_M2 / BLOCK_N2); without TMA both are the same
+    pointers. No atomics: every gradient element is written by one program, so the result is
+    bit-reproducible."""
     pid = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // H_KV
     hk = bhk % H_KV
-    if ATOMIC_DQ or PROGRAMS == 1:
-        _dkdv_program(pid, b, hk, Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-                      sdb, sdn, sdh, sab, san, sah, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+    if PROGRAMS == 0:
+        first_kind = pid < KV_TILES
+    else:
+        first_kind = PROGRAMS == 1  # known at compile time: the other kind's code is left out
+    if first_kind:
+        _dkdv_program(pid, b, hk, Q, K, V, DO, DK, DV, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+                      sdb, sdn, sdh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
                       Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r, PHASE,
                       n, d, H, GROUP, LAYOUT_HEAD_STRIDE, qk_scale, scale,
-                      IS_CAUSAL, BLOCK_M1, BLOCK_N1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, ATOMIC_DQ, ADD_TMA, ALIGN)
-    elif PROGRAMS == 2:
-        _dq_program(pid, b, hk, Q2, K2, V2, DO2, DQ, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-                    sdb, sdn, sdh, sdqb, sdqn, sdqh, KV_PART_NUM, KV_PART_IDX, KV_FULL_NUM, KV_FULL_IDX,
-                    s_num_h, s_idx_h, s_idx_r, PHASE, n, d, H, GROUP, LAYOUT_HEAD_STRIDE, qk_scale, scale, Q_TILES,
-                    IS_CAUSAL, BLOCK_M2, BLOCK_N2, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, ALIGN)
-    elif pid < KV_TILES:
-        _dkdv_program(pid, b, hk, Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-                      sdb, sdn, sdh, sab, san, sah, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
-                      Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r, PHASE,
-                      n, d, H, GROUP, LAYOUT_HEAD_STRIDE, qk_scale, scale,
-                      IS_CAUSAL, BLOCK_M1, BLOCK_N1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, False, 0, ALIGN)
+                      IS_CAUSAL, BLOCK_M1, BLOCK_N1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, ALIGN)
     else:
         _dq_program(pid - KV_TILES, b, hk, Q2, K2, V2, DO2, DQ, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn,
                     svh, sdb, sdn, sdh, sdqb, sdqn, sdqh, KV_PART_NUM, KV_PART_IDX, KV_FULL_NUM, KV_FULL_IDX,
@@ -324,14 +293,13 @@ def _dq_program(off, b, hk, Q2, K2, V2, DO2, DQ, LSE, DELTA, sqb, sqn, sqh, skb,
 
 
 @triton.jit
-def _dkdv_program(pid, b, hk, Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-                  sdb, sdn, sdh, sab, san, sah, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+def _dkdv_program(pid, b, hk, Q, K, V, DO, DK, DV, LSE, DELTA, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+                  sdb, sdn, sdh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
                   Q_PART_NUM, Q_PART_IDX, Q_FULL_NUM, Q_FULL_IDX, s_num_h, s_idx_h, s_idx_r, PHASE,
                   n, d, H, GROUP: tl.constexpr, LAYOUT_HEAD_STRIDE, qk_scale, scale,
                   IS_CAUSAL: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, DP: tl.constexpr,
-                  SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                  ADD_TMA: tl.constexpr, ALIGN: tl.constexpr):
-    """dK, dV of key tile ``pid`` of (batch ``b``, kv head ``hk``) (and dQ's shares, with ATOMIC_DQ)."""
+                  SPARSE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr, ALIGN: tl.constexpr):
+    """dK, dV of key tile ``pid`` of (batch ``b``, kv head ``hk``)."""
     start_n = pid * BLOCK_N1
     col = start_n // SPARSE_BLOCK
     offs_n = start_n + tl.arange(0, BLOCK_N1)
@@ -344,13 +312,13 @@ def _dkdv_program(pid, b, hk, Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqb, sqn, sq
         bhq = b * H + hq
         lh = hq * LAYOUT_HEAD_STRIDE
         num = tl.load(Q_PART_NUM + lh * s_num_h + col)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQA, LSE, DELTA, Q_PART_IDX + lh * s_idx_h + col * s_idx_r, num, 0,
-                             b, hq, bhq, offs_n, n, d, qk_scale, scale, sqb, sqn, sqh, sdb, sdn, sdh, sab, san, sah,
-                             True, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, ATOMIC_DQ, ADD_TMA)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, Q_PART_IDX + lh * s_idx_h + col * s_idx_r, num, 0,
+                             b, hq, bhq, offs_n, n, d, qk_scale, sqb, sqn, sqh, sdb, sdn, sdh,
+                             True, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N)
         num = tl.load(Q_FULL_NUM + lh * s_num_h + col)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, DQA, LSE, DELTA, Q_FULL_IDX + lh * s_idx_h + col * s_idx_r, num,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, Q_FULL_IDX + lh * s_idx_h + col * s_idx_r, num,
                              _first(PHASE, num, ALIGN),
-                             b, hq, bhq, offs_n, n, d, qk_scale, scale, sqb, sqn, sqh, sdb, sdn, sdh, sab, san, sah,
-                             False, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N, ATOMIC_DQ, ADD_TMA)
+                             b, hq, bhq, offs_n, n, d, qk_scale, sqb, sqn, sqh, sdb, sdn, sdh,
+                             False, IS_CAUSAL, BLOCK_M1, DP, SPARSE_BLOCK, USE_TMA, EVEN_N)
     _store_tile(DK, dk * scale, b, start_n, hk, n, sdkb, sdkn, sdkh, d, BLOCK_N1, DP)
     _store_tile(DV, dv, b, start_n, hk, n, sdvb, sdvn, sdvh, d, BLOCK_N1, DP)

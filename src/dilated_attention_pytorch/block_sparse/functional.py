@@ -71,9 +71,10 @@ _REASONS = {"flex": flex_reasons, "triton": triton_reasons}
 
 
 def block_sparse_backend(query: torch.Tensor, block_size: int, backend: str = "auto") -> str:
-    """The backend that runs these inputs. ``"auto"``: on a GPU FlexAttention, else our Triton kernels,
-    whichever has no reasons against it (FlexAttention measured 4-9% faster forward+backward on an
-    H200, BENCHMARKS.md); else ``"portable"``."""
+    """The backend that runs these inputs. ``"auto"``: on a GPU our Triton kernels, else FlexAttention,
+    whichever has no reasons against it, on Hopper and later; FlexAttention first on older GPUs (on an
+    H200 ours measured 1-6% faster forward+backward than FlexAttention, BENCHMARKS.md; on older GPUs
+    our kernels lose their tensor-descriptor loads and have not been timed); else ``"portable"``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, but got {backend!r}")
     if backend in _REASONS:
@@ -82,7 +83,8 @@ def block_sparse_backend(query: torch.Tensor, block_size: int, backend: str = "a
             raise ValueError(f"backend={backend!r} cannot run these inputs: {'; '.join(reasons)}")
         return backend
     if backend == "auto" and query.device.type == "cuda":
-        for name in ("flex", "triton"):
+        hopper = torch.cuda.get_device_capability(query.device)[0] >= 9
+        for name in ("triton", "flex") if hopper else ("flex", "triton"):
             if not _REASONS[name](query, block_size):
                 return name
     return "portable"
@@ -111,8 +113,8 @@ def block_sparse_attention(
         is_causal: also require ``u <= t``.
         scale: score scale, default ``d ** -0.5``.
         return_lse: also return the log-sum-exp ``(b, h, n)`` (float32; float64 for float64 inputs).
-        backend: ``"auto"`` (on a GPU FlexAttention where it runs, else the Triton kernels, else
-            portable), ``"flex"`` (FlexAttention, CUDA), ``"triton"`` (our kernels, no compile step:
+        backend: ``"auto"`` (on a GPU the Triton kernels where they run, else FlexAttention — on GPUs
+            older than Hopper FlexAttention first —, else portable), ``"flex"`` (FlexAttention, CUDA), ``"triton"`` (our kernels, no compile step:
             CUDA, or the CPU under ``TRITON_INTERPRET=1``; float16/bfloat16) or ``"portable"``
             (batched aten kernels over the active tiles, any device and dtype).
 

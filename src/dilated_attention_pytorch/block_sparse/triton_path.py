@@ -92,11 +92,9 @@ def layout_lists(layout: torch.Tensor, seq_len: int, block_size: int, is_causal:
 class TileSettings:
     """Launch settings: forward query/key tiles; backward key tile and its query tile (dK, dV), query
     tile and its key tile (dQ); warps and pipeline stages of each kernel. ``align``: programs start their
-    block walks where the programs running beside them are (:func:`start_phases`). ``atomic_dq``: the dK/dV
-    programs also add dQ's shares into a float32 buffer (five products per tile pair instead of seven,
-    but the sum's order varies from run to run); off, or under
-    ``torch.use_deterministic_algorithms(True)``, separate dQ programs recompute them (bit-reproducible);
-    ``split_bwd``: those dQ programs in a launch of their own (each kernel then needs fewer registers)."""
+    block walks where the programs running beside them are (:func:`start_phases`). ``split_bwd``: the
+    backward's dQ programs in a launch of their own, after the dK/dV programs (each kernel then needs
+    fewer registers: 128 bytes of spills per thread in the dK/dV kernel instead of 376 in one kernel)."""
 
     fwd_m: int
     fwd_n: int
@@ -108,9 +106,8 @@ class TileSettings:
     bwd_n2: int
     bwd_warps: int
     bwd_stages: int
-    atomic_dq: bool = True
     align: bool = True
-    split_bwd: bool = False
+    split_bwd: bool = True
 
 
 def tile_settings(head_dim: int, device: torch.device) -> TileSettings:
@@ -216,12 +213,7 @@ def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int
         out, dout, glse, delta, *out.stride()[:3], *dout.stride()[:3], n, d, h,
         HAS_GLSE=dlse is not None, BLOCK=rows, DP=dp,
     )
-    atomic = ts.atomic_dq and not torch.are_deterministic_algorithms_enabled()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    # atomic dQ: float32 sums (b, n, h, d), cast to q's dtype after the launch; added through descriptors
-    # like the loads, except in the interpreter (it has no descriptor reduce-add)
-    dq_sums = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
-    add_mode = mode if atomic and q.device.type == "cuda" else 0
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     kv_tiles, q_tiles = _cdiv(n, ts.bwd_n1), _cdiv(n, ts.bwd_m2)
@@ -235,29 +227,27 @@ def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int
             _operand(v, ts.bwd_n1, dp, mode), _operand(dout, ts.bwd_m1, dp, mode),
             _operand(q, ts.bwd_m2, dp, mode), _operand(k, ts.bwd_n2, dp, mode),
             _operand(v, ts.bwd_n2, dp, mode), _operand(dout, ts.bwd_m2, dp, mode),
-            dq, _operand(dq_sums, ts.bwd_m1, dp, add_mode), dk, dv, lse, delta,
+            dq, dk, dv, lse, delta,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-            *dq.stride()[:3], *dq_sums.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+            *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
             lists.kv_part_num, lists.kv_part_idx, lists.kv_full_num, lists.kv_full_idx,
             lists.q_part_num, lists.q_part_idx, lists.q_full_num, lists.q_full_idx,
             lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
-            _bwd_phases(lists, b, h, h_kv, n, block_size, ts, atomic, which, q.device) if ts.align else delta,
+            _bwd_phases(lists, b, h, h_kv, n, block_size, ts, which, q.device) if ts.align else delta,
             n, d, h, h_kv, group, layout_head, scale * math.log2(math.e), scale,
             0 if which == "q" else kv_tiles, q_tiles,
             IS_CAUSAL=is_causal, BLOCK_M1=ts.bwd_m1, BLOCK_N1=ts.bwd_n1, BLOCK_M2=ts.bwd_m2, BLOCK_N2=ts.bwd_n2,
             DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode, EVEN_N=n % max(ts.bwd_m1, ts.bwd_m2) == 0,
-            ATOMIC_DQ=atomic, ADD_TMA=add_mode, ALIGN=ts.align, PROGRAMS=programs,
+            ALIGN=ts.align, PROGRAMS=programs,
             num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
         )
 
-    if atomic:
-        launch(1, "kv")
-    elif ts.split_bwd:
+    if ts.split_bwd:
         launch(1, "kv")
         launch(2, "q")
     else:
         launch(0, "both")
-    return (dq_sums.to(q.dtype) if atomic else dq), dk, dv
+    return dq, dk, dv
 
 
 def start_phases(work: torch.Tensor, kind: torch.Tensor, slots: int) -> torch.Tensor:
@@ -312,17 +302,17 @@ def _fwd_phases(lists: TritonLists, b: int, h: int, n: int, block_size: int, ts:
 
 
 def _bwd_phases(lists: TritonLists, b: int, h: int, h_kv: int, n: int, block_size: int, ts: TileSettings,
-                atomic: bool, which: str, device: torch.device) -> torch.Tensor:
+                which: str, device: torch.device) -> torch.Tensor:
     """Phases of a backward launch of dK/dV programs (``which`` "kv"), dQ programs ("q") or both."""
     slots = _slots(device)
-    key = ("bwd", which, b, h, h_kv, n, block_size, ts.bwd_m1, ts.bwd_n1, ts.bwd_m2, ts.bwd_n2, atomic, slots)
+    key = ("bwd", which, b, h, h_kv, n, block_size, ts.bwd_m1, ts.bwd_n1, ts.bwd_m2, ts.bwd_n2, slots)
     if key not in lists.phases:
         group = h // h_kv
         dev = lists.kv_full_num.device
-        # work in products of tiles: dK/dV steps make 4 (5 with atomic dQ) of m1 x n1, dQ steps 3 of m2 x n2
+        # work in products of tiles: dK/dV steps make 4 of m1 x n1, dQ steps 3 of m2 x n2
         cols = torch.arange(_cdiv(n, ts.bwd_n1), device=dev) * ts.bwd_n1 // block_size
         per_col = _per_head(lists.q_part_num + lists.q_full_num, h)[:, cols].double()  # (h, kv tiles)
-        kv_work = per_col.view(h_kv, group, -1).sum(1) * (block_size // ts.bwd_m1) * (5 if atomic else 4)
+        kv_work = per_col.view(h_kv, group, -1).sum(1) * (block_size // ts.bwd_m1) * 4
         kv_work = (kv_work + 1) * ts.bwd_m1 * ts.bwd_n1  # (h_kv, kv tiles)
         parts, kinds = [], []
         if which != "q":
