@@ -34,6 +34,7 @@ SETTINGS = {
     "one-launch-align": dict(split_bwd=False, align=True),
     "unaligned": dict(align=False),
     "fwd-s3": dict(fwd_stages=3),
+    "bwd-s2": dict(bwd_stages=2),
     "fwd-128x64-s3": dict(fwd_n=64, fwd_stages=3),
 }
 
