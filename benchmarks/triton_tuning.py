@@ -33,8 +33,8 @@ SETTINGS = {
     "one-launch": dict(split_bwd=False, align=False),
     "one-launch-align": dict(split_bwd=False, align=True),
     "unaligned": dict(align=False),
-    "fwd-s3": dict(fwd_stages=3),
-    "bwd-s2": dict(bwd_stages=2),
+    "fwd-s2": dict(fwd_stages=2),
+    "bwd-s3": dict(bwd_stages=3),
     "fwd-128x64-s3": dict(fwd_n=64, fwd_stages=3),
 }
 

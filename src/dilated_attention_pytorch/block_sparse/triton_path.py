@@ -115,7 +115,7 @@ def tile_settings(head_dim: int, device: torch.device) -> TileSettings:
     if device.type != "cuda":  # the interpreter: small tiles keep CPU tests fast
         return TileSettings(128, 128, 4, 1, 64, 128, 128, 64, 4, 1)
     if head_dim <= 128:
-        return TileSettings(128, 128, 8, 2, 64, 128, 128, 64, 8, 3)
+        return TileSettings(128, 128, 8, 3, 64, 128, 128, 64, 8, 2)  # stages measured on an H200
     return TileSettings(64, 64, 4, 2, 64, 64, 64, 64, 4, 2)
 
 
