@@ -73,8 +73,9 @@ _REASONS = {"flex": flex_reasons, "triton": triton_reasons}
 def block_sparse_backend(query: torch.Tensor, block_size: int, backend: str = "auto") -> str:
     """The backend that runs these inputs. ``"auto"``: on a GPU our Triton kernels, else FlexAttention,
     whichever has no reasons against it, on Hopper and later; FlexAttention first on older GPUs (on an
-    H200 ours measured 1-6% faster forward+backward than FlexAttention, BENCHMARKS.md; on older GPUs
-    our kernels lose their tensor-descriptor loads and have not been timed); else ``"portable"``."""
+    H200, forward+backward, ours is level with FlexAttention at 64K tokens and 6-8% faster at 256K,
+    BENCHMARKS.md; on older GPUs our kernels lose their tensor-descriptor loads and have not been
+    timed); else ``"portable"``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, but got {backend!r}")
     if backend in _REASONS:
