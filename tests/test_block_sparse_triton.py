@@ -89,6 +89,23 @@ def test_start_phases_simulate_the_launch():
     assert torch.allclose(phases, torch.tensor([0.0, 0.0, 0.0, 0.5]))
 
 
+def test_start_phases_and_tile_settings_errors():
+    one = torch.ones(3)
+    with pytest.raises(ValueError, match="work must be a non-empty 1-d tensor"):
+        start_phases(torch.ones(2, 2), torch.zeros(4, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="kind must be an int64 tensor of work's shape"):
+        start_phases(one, torch.zeros(2, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="work must be finite and >= 0"):
+        start_phases(torch.tensor([1.0, -1.0, 1.0]), torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="slots must be an int >= 1, but got 0"):
+        start_phases(one, torch.zeros(3, dtype=torch.long), 0)
+    base = tile_settings(128, torch.device(DEVICE)).__dict__
+    with pytest.raises(ValueError, match="TileSettings.align must be a bool, but got 1"):
+        TileSettings(**{**base, "align": 1})
+    with pytest.raises(ValueError, match="TileSettings.bwd_stages must be an int >= 1, but got 0"):
+        TileSettings(**{**base, "bwd_stages": 0})
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backward", ["one-launch", "two-launches"])
 def test_walks_from_later_list_entries_cover_every_block(causal, backward):

@@ -115,8 +115,8 @@ def block_sparse_attention(
         scale: score scale, default ``d ** -0.5``.
         return_lse: also return the log-sum-exp ``(b, h, n)`` (float32; float64 for float64 inputs).
         backend: ``"auto"`` (on a GPU the Triton kernels where they run, else FlexAttention — on GPUs
-            older than Hopper FlexAttention first —, else portable), ``"flex"`` (FlexAttention, CUDA), ``"triton"`` (our kernels, no compile step:
-            CUDA, or the CPU under ``TRITON_INTERPRET=1``; float16/bfloat16) or ``"portable"``
+            older than Hopper FlexAttention first —, else portable), ``"flex"`` (FlexAttention, CUDA),
+            ``"triton"`` (our kernels, no compile step: CUDA, or the CPU under ``TRITON_INTERPRET=1``; float16/bfloat16) or ``"portable"``
             (batched aten kernels over the active tiles, any device and dtype).
 
     Rows that see no key get zeros, LSE ``-inf`` and no gradient. Layout-derived metadata (index plans,

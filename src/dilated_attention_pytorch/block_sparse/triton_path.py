@@ -11,8 +11,8 @@ them).
 
 from __future__ import annotations
 
-import math
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -108,6 +108,16 @@ class TileSettings:
     bwd_stages: int
     align: bool = True
     split_bwd: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("align", "split_bwd"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TileSettings.{name} must be a bool, but got {getattr(self, name)!r}")
+        for name in ("fwd_m", "fwd_n", "fwd_warps", "fwd_stages", "bwd_m1", "bwd_n1", "bwd_m2", "bwd_n2",
+                     "bwd_warps", "bwd_stages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TileSettings.{name} must be an int >= 1, but got {value!r}")
 
 
 def tile_settings(head_dim: int, device: torch.device) -> TileSettings:
@@ -219,7 +229,7 @@ def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int
     kv_tiles, q_tiles = _cdiv(n, ts.bwd_n1), _cdiv(n, ts.bwd_m2)
     layout_head = 1 if lists.kv_full_num.shape[0] > 1 else 0
 
-    def launch(programs: int, which: str) -> None:  # programs: 0 both kinds, 1 dK/dV, 2 dQ (see the kernel)
+    def launch(which: str) -> None:  # the dK/dV programs ("kv"), the dQ programs ("q") or both ("both")
         grid = (kv_tiles if which == "kv" else group * q_tiles if which == "q" else kv_tiles + group * q_tiles,
                 b * h_kv)
         block_sparse_bwd[grid](
@@ -238,15 +248,15 @@ def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int
             0 if which == "q" else kv_tiles, q_tiles,
             IS_CAUSAL=is_causal, BLOCK_M1=ts.bwd_m1, BLOCK_N1=ts.bwd_n1, BLOCK_M2=ts.bwd_m2, BLOCK_N2=ts.bwd_n2,
             DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode, EVEN_N=n % max(ts.bwd_m1, ts.bwd_m2) == 0,
-            ALIGN=ts.align, PROGRAMS=programs,
+            ALIGN=ts.align, PROGRAMS={"both": 0, "kv": 1, "q": 2}[which],
             num_warps=ts.bwd_warps, num_stages=ts.bwd_stages,
         )
 
     if ts.split_bwd:
-        launch(1, "kv")
-        launch(2, "q")
+        launch("kv")
+        launch("q")
     else:
-        launch(0, "both")
+        launch("both")
     return dq, dk, dv
 
 
@@ -267,6 +277,17 @@ def start_phases(work: torch.Tensor, kind: torch.Tensor, slots: int) -> torch.Te
     ``work`` (P,) float in launch order, ``kind`` (P,) int64 (programs of different kinds have
     different mean lengths) -> (P,) float32 on ``work``'s device.
     """
+    if work.dim() != 1 or work.numel() == 0:
+        raise ValueError(f"work must be a non-empty 1-d tensor, but got shape {tuple(work.shape)}")
+    if kind.shape != work.shape or kind.dtype != torch.long:
+        raise ValueError(f"kind must be an int64 tensor of work's shape {tuple(work.shape)}, but got shape "
+                         f"{tuple(kind.shape)} and dtype {kind.dtype}")
+    if bool((kind < 0).any()):
+        raise ValueError(f"kind must be >= 0, but its minimum is {int(kind.min())}")
+    if not bool(torch.isfinite(work).all()) or bool((work < 0).any()):
+        raise ValueError("work must be finite and >= 0")
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"slots must be an int >= 1, but got {slots!r}")
     w = work.double().cpu()
     free = [0.0] * max(1, min(slots, w.numel()))
     starts = []
