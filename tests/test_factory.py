@@ -142,31 +142,42 @@ def test_bad_attention_type():
 
 # -- routes that need a process group: real gloo, two ranks ----------------------------------------
 def _check_parallel_routes(rank: int, world: int) -> None:
-    choice = explain_auto()
-    assert choice.attention_type == "ring", choice
-    assert any(f"{world} ranks" in r for r in choice.reasons)
-    # whole sequences: never ring; on a GPU the fused single-device path
+    import torch.distributed as dist
+
+    # An initialised process group alone never means sequence parallelism (issue 13): auto stays single-device.
     single = "improved" if torch.cuda.is_available() else "standard"
+    choice = explain_auto()
+    assert choice.attention_type == single, choice
+    assert any(f"process group of {world} ranks is initialised, but auto never turns on sequence parallelism" in r
+               for r in choice.reasons), choice
     assert explain_auto(single_device=True).attention_type == single
     from dilated_attention_pytorch.models import LongNetLM  # whole sequences: auto never means ring
 
     lm = LongNetLM(vocab_size=8, embed_dim=8, num_heads=2, num_layers=1, segment_lengths=(4,), dilation_rates=(1,),
                    attention_type="auto")
     assert lm.layers[0].self_attn.attention_type == single
+    # Sequence parallelism asked for: by name, or by passing a process group to "auto" (-> ring over it).
+    group = dist.new_group(list(range(world)))
+    assert explain_auto(process_group=group).attention_type == "ring"
+    with pytest.raises(ValueError, match="contradict"):
+        explain_auto(process_group=group, single_device=True)
+    with pytest.raises(ValueError, match="process_group=None is ambiguous"):
+        create_dilated_attention("auto", (4, 16), (1, 2), process_group=None)
     q, k, v = _qkv(b=1, n=10 * world, h=4, h_kv=2, seed=5)
     sl = slice(rank * 10, (rank + 1) * 10)
+    routes = (("ring", {}), ("distributed", {}), ("auto", {"process_group": group}))
     for causal in (False, True):
         whole = dilated_attention(q, k, v, (4, 16), (1, 2), is_causal=causal)
-        for kind in ("auto", "ring", "distributed"):
-            module = create_dilated_attention(kind, (4, 16), (1, 2))
+        for kind, extra in routes:
+            module = create_dilated_attention(kind, (4, 16), (1, 2), **extra)
             assert type(module) is attention_class("ring" if kind == "auto" else kind)
             out = module(q[:, sl], k[:, sl], v[:, sl], is_causal=causal)
             torch.testing.assert_close(out, whole[:, sl], **TOL)
     x = torch.randn(2, 10 * world, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     kw = dict(embed_dim=16, num_heads=4, segment_lengths=(4, 16), dilation_rates=(1, 2))
-    for kind in ("auto", "ring", "distributed"):
+    for kind, extra in routes:
         torch.manual_seed(3)  # same weights on every rank
-        module = create_multihead_dilated_attention(kind, dtype=torch.float64, **kw)
+        module = create_multihead_dilated_attention(kind, dtype=torch.float64, **kw, **extra)
         assert type(module) is attention_class("ring" if kind == "auto" else kind, multihead=True)
         ref = _single_device_twin(module, **kw)(x, x, x, is_causal=True)[0]
         out = module(x[:, sl], x[:, sl], x[:, sl], is_causal=True)[0]

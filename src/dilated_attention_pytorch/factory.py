@@ -2,7 +2,8 @@
 
 Classes are imported lazily from a registry, so a family whose module is missing (or whose optional
 dependency is not installed) fails only when asked for, with an error that says which. ``"auto"`` picks
-from the environment and :func:`explain_auto` says why.
+a single-device family from the environment and :func:`explain_auto` says why: sequence parallelism
+(``"ring"``, ``"distributed"``) is used only when asked for, by name or by passing ``process_group=``.
 """
 
 from __future__ import annotations
@@ -116,21 +117,46 @@ def explain_auto(
     dtype: Optional[torch.dtype] = None,
     head_dim: Optional[int] = None,
     single_device: bool = False,
+    process_group: Any = None,
 ) -> AutoChoice:
-    """Resolve ``"auto"``: an initialised process group with more than one rank -> ``"ring"``; a CUDA GPU
-    whose fused kernel supports the inputs and the ``improved`` module present -> ``"improved"``; else
-    ``"standard"``. ``device``, ``dtype``, ``head_dim`` describe the inputs when known (default: the
-    current CUDA device if any; bfloat16; 64). ``single_device=True`` (whole sequences, as in the LongNet
-    models) never picks a sequence-parallel type."""
+    """Resolve ``"auto"``: ``"ring"`` only when a ``process_group`` is passed (sequence parallelism asked
+    for); otherwise a single-device type: a CUDA GPU whose fused kernel supports the inputs and the
+    ``improved`` module present -> ``"improved"``; else ``"standard"``. An initialised process group never
+    turns on sequence parallelism by itself: under data parallelism (DDP, FSDP) every rank holds whole
+    sequences, and treating them as shards of one sequence would be silently wrong; ask for ``"ring"`` or
+    ``"distributed"`` by name. ``device``, ``dtype``, ``head_dim`` describe the inputs when known (default:
+    the current CUDA device if any; bfloat16; 64). ``single_device`` is kept for compatibility (``"auto"``
+    is always single-device unless a ``process_group`` is passed)."""
     from .kernels import FUSED_KERNELS, BlockInputs, kernel_reasons
 
     reasons = []
+    if process_group is not None:
+        import torch.distributed as dist
+
+        if single_device:
+            raise ValueError(
+                "single_device=True (whole sequences) and a process_group (sequence shards) contradict each "
+                "other; pass one of them"
+            )
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed.ProcessGroup, but got {type(process_group).__name__}"
+            )
+        size = dist.get_world_size(process_group)
+        reasons.append(
+            f"process_group= (of {size} rank{'s' if size != 1 else ''}) was passed: sequence parallelism asked "
+            "for, ring attention over that group (each rank passes its shard of the sequence)"
+        )
+        return AutoChoice("ring", tuple(reasons))
     world = _process_group_size()
     if single_device:
-        reasons.append("single-device use: sequence-parallel types not considered")
-    elif world is not None and world > 1:
-        reasons.append(f"torch.distributed is initialised with {world} ranks: sequence-parallel ring attention")
-        return AutoChoice("ring", tuple(reasons))
+        reasons.append("single-device use (whole sequences)")
+    if world is not None and world > 1:
+        reasons.append(
+            f"a process group of {world} ranks is initialised, but auto never turns on sequence parallelism "
+            "(under data parallelism every rank holds whole sequences): pass 'ring' or 'distributed' (or "
+            "process_group=) to shard sequences across ranks"
+        )
     else:
         reasons.append("no initialised process group" if world is None else "the process group has 1 rank")
     device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,26 +229,38 @@ def _auto_hints(kwargs: dict, multihead: bool) -> dict:
     return hints
 
 
+def _resolve_auto(kwargs: dict, multihead: bool) -> str:
+    """The type ``"auto"`` builds: ``"ring"`` when ``process_group=`` is passed, else single-device."""
+    if "process_group" in kwargs and kwargs["process_group"] is None:
+        raise ValueError(
+            "attention_type='auto' with process_group=None is ambiguous: pass attention_type='ring' or "
+            "'distributed' to shard sequences over the default process group, a process group to shard over "
+            "that group, or no process_group for a single-device module"
+        )
+    return explain_auto(process_group=kwargs.get("process_group"), **_auto_hints(kwargs, multihead)).attention_type
+
+
 def create_dilated_attention(attention_type: str = "auto", *args: Any, **kwargs: Any) -> torch.nn.Module:
     """Build a dilated-attention core ``(b, n, h, d) -> (b, n, h, d)`` of the given family.
 
     ``attention_type``: ``"standard"``, ``"improved"``, ``"ring"``, ``"distributed"``, ``"block_sparse"`` or
-    ``"auto"`` (see :func:`explain_auto`). Other arguments go to the class's constructor; an unknown
-    keyword raises ``TypeError`` listing the accepted ones.
+    ``"auto"`` (see :func:`explain_auto`: single-device, also under an initialised process group, unless
+    ``process_group=`` is passed, which asks for ring attention over that group). Other arguments go to
+    the class's constructor; an unknown keyword raises ``TypeError`` listing the accepted ones.
     """
     attention_type = _check_type(attention_type)
     if attention_type == "auto":
-        attention_type = explain_auto().attention_type
+        attention_type = _resolve_auto(kwargs, False)
     return _build(attention_type, False, args, kwargs)
 
 
 def create_multihead_dilated_attention(attention_type: str = "auto", *args: Any, **kwargs: Any) -> torch.nn.Module:
     """Build a multi-head module ``(b, n, embed_dim) -> ((b, n, embed_dim), None)`` of the given family
-    (same types as :func:`create_dilated_attention`; ``"auto"`` also uses ``embed_dim``, ``num_heads``,
-    ``device`` and ``dtype`` when given as keywords)."""
+    (same types and ``"auto"`` rule as :func:`create_dilated_attention`; ``"auto"`` also uses ``embed_dim``,
+    ``num_heads``, ``device`` and ``dtype`` when given as keywords)."""
     attention_type = _check_type(attention_type)
     if attention_type == "auto":
-        attention_type = explain_auto(**_auto_hints(kwargs, True)).attention_type
+        attention_type = _resolve_auto(kwargs, True)
     return _build(attention_type, True, args, kwargs)
 
 
