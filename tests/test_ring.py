@@ -128,11 +128,11 @@ def _check_errors(rank: int, world: int) -> None:
     bad = torch.randn(1, 7 if rank == 1 else 8, 2, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"n_local \(shard length\).*\[8, 7\]"):
         ring_dilated_attention(bad, bad, bad, [4], [1])
-    # Ranks disagreeing on the patterns.
-    with pytest.raises(ValueError, match="patterns/offsets/head_groups"):
+    # Ranks disagreeing on the patterns: the message shows every rank's value.
+    with pytest.raises(ValueError, match=r"segment_lengths per rank \[\(4,\), \(8,\)\]"):
         ring_dilated_attention(q, q, q, [4] if rank == 0 else [8], [1])
     # Disagreeing on causality.
-    with pytest.raises(ValueError, match="is_causal"):
+    with pytest.raises(ValueError, match=r"is_causal per rank \[True, False\]"):
         ring_dilated_attention(q, q, q, [4], [1], is_causal=rank == 0)
     # An invalid input on one rank only: that rank gets its own error, the others a clear one.
     if rank == 0:
@@ -200,12 +200,12 @@ def _check_subgroups(rank: int, world: int) -> None:
 
 
 def _check_missing_rank(rank: int, world: int) -> None:
-    """A rank that never calls: the others raise after check_timeout_s instead of hanging."""
+    """A rank that never calls: the others raise after timeout_s instead of hanging."""
     q = torch.randn(1, 8, 2, 4)
     if rank == 0:
         t0 = time.monotonic()
         with pytest.raises(RuntimeError, match="not every rank of the process group reached the call within 2 s"):
-            ring_dilated_attention(q, q, q, [4], [1], check_timeout_s=2)
+            ring_dilated_attention(q, q, q, [4], [1], timeout_s=2)
         assert time.monotonic() - t0 < 10
     else:
         time.sleep(4)
@@ -245,9 +245,12 @@ def test_ring_modules():
 
 
 def test_ring_needs_process_group():
+    """No process group: a ValueError (bad input, SPEC §3) naming what is missing, from every entry point."""
     q = torch.randn(1, 8, 2, 4)
-    with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
+    with pytest.raises(ValueError, match="ring_dilated_attention needs an initialised torch.distributed process group"):
         ring_dilated_attention(q, q, q, [4], [1])
+    with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+        RingDilatedAttention([4], [1])(q, q, q)
 
 
 def test_fsdp2_example_trains_on_cpu():

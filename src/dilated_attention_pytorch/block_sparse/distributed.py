@@ -17,6 +17,10 @@ import torch
 import torch.distributed as dist
 
 from .. import _validation as V
+from ..parallel.comm import (
+    DEFAULT_TIMEOUT_S, agree_or_raise, call_settings, check_timeout, collective_device, post, resolve_group,
+    wait_transfers,
+)
 from .cache import METADATA_CACHE, layout_digest, tensor_bytes
 from .config import SparsePatternConfig
 from .modules import BlockSparseRingDilatedAttention
@@ -24,6 +28,8 @@ from .plan import BlockPlan, build_plan
 from .portable import portable_block_sparse_attention
 
 __all__ = ["BlockSparseRingDistributedDilatedAttention"]
+
+_WHAT = "BlockSparseRingDistributedDilatedAttention"
 
 
 @dataclass(frozen=True)
@@ -69,20 +75,26 @@ def _build_exchange(
     return _Exchange(send, recv_counts, own, mine, plan, sum(recv_counts))
 
 
+def _all_to_all(recv: torch.Tensor, send: torch.Tensor, recv_counts, send_counts, group: Any, timeout_s: float,
+                what: str) -> None:
+    work = post(_WHAT, what, lambda: dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group,
+                                                             async_op=True))
+    wait_transfers([(work, what)], _WHAT, timeout_s, send.device)
+
+
 class _FetchBlocks(torch.autograd.Function):
     """(m, E) local blocks -> (N, E) the needed blocks in ascending global order; backward sends the
     gradients of fetched blocks back to their owners and sums them into the local blocks."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, ex: _Exchange, rank: int, group: Any) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, ex: _Exchange, rank: int, group: Any, timeout_s: float) -> torch.Tensor:
         send_buf = torch.cat([x[idx] for idx in ex.send], 0)
         recv_buf = x.new_empty(sum(ex.recv_counts), x.shape[1])
-        dist.all_to_all_single(
-            recv_buf, send_buf, [int(c) for c in ex.recv_counts], [int(s.numel()) for s in ex.send], group=group
-        )
+        _all_to_all(recv_buf, send_buf, [int(c) for c in ex.recv_counts], [int(s.numel()) for s in ex.send], group,
+                    timeout_s, "the all-to-all of key/value blocks (forward)")
         parts = list(recv_buf.split(list(ex.recv_counts)))
         parts[rank] = x[ex.own]  # sources in rank order = ascending global blocks
-        ctx.ex, ctx.rank, ctx.group, ctx.local_blocks = ex, rank, group, x.shape[0]
+        ctx.ex, ctx.rank, ctx.group, ctx.local_blocks, ctx.timeout_s = ex, rank, group, x.shape[0], timeout_s
         return torch.cat(parts, 0)
 
     @staticmethod
@@ -94,20 +106,26 @@ class _FetchBlocks(torch.autograd.Function):
         parts[ctx.rank] = grad.new_empty(0, grad.shape[1])
         send_back = torch.cat(parts, 0).contiguous()
         recv_back = grad.new_empty(sum(s.numel() for s in ex.send), grad.shape[1])
-        dist.all_to_all_single(
-            recv_back, send_back, [int(s.numel()) for s in ex.send], [int(c) for c in ex.recv_counts], group=ctx.group
-        )
+        _all_to_all(recv_back, send_back, [int(s.numel()) for s in ex.send], [int(c) for c in ex.recv_counts],
+                    ctx.group, ctx.timeout_s, "the all-to-all of key/value block gradients (backward)")
         dx = grad.new_zeros(ctx.local_blocks, grad.shape[1])
         dx.index_add_(0, ex.own, own_grad)
         dx.index_add_(0, torch.cat(ex.send, 0), recv_back)
-        return dx, None, None, None
+        return dx, None, None, None, None
 
 
 class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention):
     """Sequence-sharded block-sparse attention: each rank passes its contiguous shard ``(b, n/P, ...)``
     (rank order = sequence order, equal shards, each a multiple of ``block_size``) and gets its shard of
     the output, equal to :func:`block_sparse_attention` on the whole sequence. Only the key/value blocks
-    the rank's rows of the layout use travel (``last_fetched_blocks`` says how many came in)."""
+    the rank's rows of the layout use travel (``last_fetched_blocks`` says how many came in).
+
+    Every rank must call it with the same shapes and settings; otherwise (or if another rank called
+    another sequence-parallel strategy, or passed invalid inputs) every rank raises a ``ValueError``
+    naming the differing values per rank. ``timeout_s`` (seconds) bounds that check and every later
+    wait for other ranks' blocks or gradients: a rank that fails or stops taking part makes the others
+    raise a ``RuntimeError`` within it instead of hanging (on a GPU the waits after the check stay
+    stream-ordered and the process group's own timeout bounds them)."""
 
     def __init__(
         self,
@@ -121,6 +139,7 @@ class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention
         sparse_config: Optional[SparsePatternConfig] = None,
         block_size: int = 128,
         process_group: Optional[Any] = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         super().__init__(segment_lengths, dilation_rates, softmax_scale, attention_dropout, offsets=offsets,
                          head_groups=head_groups, sparse_config=sparse_config, block_size=block_size,
@@ -130,6 +149,7 @@ class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention
                 "pattern='adaptive' is not supported sequence-sharded (its layout needs every rank's "
                 "pooled queries and keys); use a fixed pattern"
             )
+        self.timeout_s = check_timeout(timeout_s)
         self.process_group = process_group
         self.last_fetched_blocks = 0
 
@@ -141,22 +161,32 @@ class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention
         is_causal: bool = False,
         key_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        if key_padding_mask is not None:
-            raise ValueError("key_padding_mask is not supported by block-sparse attention; mask blocks in the layout")
-        V.check_qkv(query, key, value)
-        is_causal = V.check_bool("is_causal", is_causal)
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("BlockSparseRingDistributedDilatedAttention needs an initialised torch.distributed")
-        group = self.process_group
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        group, rank, world = resolve_group(self.process_group, _WHAT)
+        local_error: Optional[BaseException] = None
+        try:  # reported to every rank by the agreement below, then raised here
+            if key_padding_mask is not None:
+                raise ValueError(
+                    "key_padding_mask is not supported by block-sparse attention; mask blocks in the layout"
+                )
+            V.check_qkv(query, key, value)
+            is_causal = V.check_bool("is_causal", is_causal)
+            if query.shape[1] % self.block_size != 0:
+                raise ValueError(
+                    f"each rank's shard length must be a multiple of block_size={self.block_size}, but got "
+                    f"{query.shape[1]}"
+                )
+        except (TypeError, ValueError) as err:
+            local_error = err
+        c = self.config
+        settings = call_settings(
+            query, key, is_causal=is_causal, block_size=self.block_size, softmax_scale=c.softmax_scale,
+            segment_lengths=c.segment_lengths, dilation_rates=c.dilation_rates, offsets=c.offsets,
+            head_groups=c.head_groups, sparse_config=self.sparse_config,
+        )
+        agree_or_raise(_WHAT, "block_sparse", settings, local_error, group, collective_device(group, query),
+                       self.timeout_s)
         b, n_local, h, d = query.shape
         bs = self.block_size
-        if n_local % bs != 0:
-            raise ValueError(f"each rank's shard length must be a multiple of block_size={bs}, but got {n_local}")
-        lengths = [torch.zeros(1, dtype=torch.long, device=query.device) for _ in range(world)]
-        dist.all_gather(lengths, torch.tensor([n_local], device=query.device), group=group)
-        if any(int(x) != n_local for x in lengths):
-            raise ValueError(f"every rank must hold an equal shard, but got lengths {[int(x) for x in lengths]}")
         n = n_local * world
         layout = self.layout(n, h, query.device, is_causal=is_causal)
         m = n_local // bs
@@ -169,7 +199,7 @@ class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention
         h_kv = key.shape[2]
         kv = torch.stack([key, value])  # (2, b, n_local, h_kv, d)
         kv = kv.unflatten(2, (m, bs)).permute(2, 0, 1, 3, 4, 5).reshape(m, -1)  # (m, 2*b*bs*h_kv*d)
-        fetched = _FetchBlocks.apply(kv, ex, rank, group)  # (N, E)
+        fetched = _FetchBlocks.apply(kv, ex, rank, group, self.timeout_s)  # (N, E)
         count = fetched.shape[0]
         fetched = fetched.view(count, 2, b, bs, h_kv, d).permute(1, 2, 0, 3, 4, 5).reshape(2, b, count * bs, h_kv, d)
         out, _ = portable_block_sparse_attention(

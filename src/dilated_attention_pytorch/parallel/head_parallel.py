@@ -25,8 +25,8 @@ from ..functional import dilated_attention
 from ..improved import ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention
 from ..patterns import OffsetRule, head_groups_of, head_offsets
 from .comm import (
-    DEFAULT_CHECK_TIMEOUT_S, CommStats, agree_or_raise, collective_device, config_digest, dtype_code, float_bits,
-    resolve_group,
+    DEFAULT_TIMEOUT_S, CommStats, agree_or_raise, call_settings, check_timeout, collective_device, resolve_group,
+    post, resolve_timeout, wait_transfers,
 )
 
 __all__ = [
@@ -38,48 +38,57 @@ __all__ = [
 _WHAT = "head_parallel_dilated_attention"
 
 
-def _seq_to_heads(x: torch.Tensor, group: Any, world: int) -> torch.Tensor:
+def _all_to_all(send: torch.Tensor, group: Any, timeout_s: float, what: str) -> torch.Tensor:
+    """``recv[p] = send`` chunk of rank p for this rank, waiting at most ``timeout_s`` for the other ranks."""
+    recv = torch.empty_like(send)
+    transfer = f"the all-to-all of {what}"
+    work = post(_WHAT, transfer, lambda: dist.all_to_all_single(recv, send, group=group, async_op=True))
+    wait_transfers([(work, transfer)], _WHAT, timeout_s, send.device)
+    return recv
+
+
+def _seq_to_heads(x: torch.Tensor, group: Any, world: int, timeout_s: float, what: str) -> torch.Tensor:
     """(b, n_local, H, d) sequence shard -> (b, world·n_local, H/world, d) head shard."""
     b, n_local, h, d = x.shape
     send = x.reshape(b, n_local, world, h // world, d).permute(2, 0, 1, 3, 4).contiguous()  # (P, b, nl, hP, d)
-    recv = torch.empty_like(send)  # recv[p] = rank p's sequence shard of this rank's heads
-    dist.all_to_all_single(recv, send, group=group)
+    recv = _all_to_all(send, group, timeout_s, what)  # recv[p] = rank p's sequence shard of this rank's heads
     return recv.permute(1, 0, 2, 3, 4).reshape(b, world * n_local, h // world, d)
 
 
-def _heads_to_seq(y: torch.Tensor, group: Any, world: int) -> torch.Tensor:
+def _heads_to_seq(y: torch.Tensor, group: Any, world: int, timeout_s: float, what: str) -> torch.Tensor:
     """(b, world·n_local, H/world, d) head shard -> (b, n_local, H, d) sequence shard."""
     b, n, hp, d = y.shape
     send = y.reshape(b, world, n // world, hp, d).permute(1, 0, 2, 3, 4).contiguous()  # (P, b, nl, hP, d)
-    recv = torch.empty_like(send)  # recv[p] = this rank's sequence shard of rank p's heads
-    dist.all_to_all_single(recv, send, group=group)
+    recv = _all_to_all(send, group, timeout_s, what)  # recv[p] = this rank's sequence shard of rank p's heads
     return recv.permute(1, 2, 0, 3, 4).reshape(b, n // world, world * hp, d)
 
 
 class _SeqToHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, world, stats):
-        ctx.group, ctx.world, ctx.stats = group, world, stats
+    def forward(ctx, x, group, world, stats, timeout_s, what):
+        ctx.group, ctx.world, ctx.stats, ctx.timeout_s, ctx.what = group, world, stats, timeout_s, what
         _count(stats, x, world, forward=True)
-        return _seq_to_heads(x, group, world)
+        return _seq_to_heads(x, group, world, timeout_s, f"{what} (forward)")
 
     @staticmethod
     def backward(ctx, dy):
         _count(ctx.stats, dy, ctx.world, forward=False)
-        return _heads_to_seq(dy.contiguous(), ctx.group, ctx.world), None, None, None
+        dx = _heads_to_seq(dy.contiguous(), ctx.group, ctx.world, ctx.timeout_s, f"gradient of {ctx.what} (backward)")
+        return dx, None, None, None, None, None
 
 
 class _HeadsToSeq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, group, world, stats):
-        ctx.group, ctx.world, ctx.stats = group, world, stats
+    def forward(ctx, y, group, world, stats, timeout_s, what):
+        ctx.group, ctx.world, ctx.stats, ctx.timeout_s, ctx.what = group, world, stats, timeout_s, what
         _count(stats, y, world, forward=True)
-        return _heads_to_seq(y, group, world)
+        return _heads_to_seq(y, group, world, timeout_s, f"{what} (forward)")
 
     @staticmethod
     def backward(ctx, dx):
         _count(ctx.stats, dx, ctx.world, forward=False)
-        return _seq_to_heads(dx.contiguous(), ctx.group, ctx.world), None, None, None
+        dy = _seq_to_heads(dx.contiguous(), ctx.group, ctx.world, ctx.timeout_s, f"gradient of {ctx.what} (backward)")
+        return dy, None, None, None, None, None
 
 
 def _count(stats: Optional[CommStats], x: torch.Tensor, world: int, forward: bool) -> None:
@@ -139,20 +148,27 @@ def head_parallel_dilated_attention(
     return_lse: bool = False,
     backend: str = "auto",
     stats: Optional[CommStats] = None,
-    check_timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    check_timeout_s: Optional[float] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Shard in, shard out: this rank's ``(b, n_local, h, d)`` shard of the output of
     :func:`~dilated_attention_pytorch.dilated_attention` on the whole sequence (forward and gradients).
 
-    Same arguments and contract as :func:`~dilated_attention_pytorch.parallel.ring_dilated_attention`;
+    Same arguments and contract as :func:`~dilated_attention_pytorch.parallel.ring_dilated_attention`
+    (``timeout_s`` bounds the agreement check and, on the CPU, every all-to-all and all-gather, forward
+    and backward; on a GPU those stay stream-ordered, bounded by the process group's own timeout);
     needs ``h % world == 0``. Dropout is supported (each rank draws its own heads' masks). ``backend`` is
     that of the single-device call on each rank's heads (default ``"auto"``: the fastest that applies).
     """
     group, rank, world = resolve_group(process_group, _WHAT)
-    if stats is not None and not isinstance(stats, CommStats):
-        raise TypeError(f"stats must be a CommStats or None, but got {type(stats).__name__}")
     local_error: Optional[BaseException] = None
     try:
+        timeout_s = resolve_timeout(timeout_s, check_timeout_s)
+    except (TypeError, ValueError) as err:
+        local_error, timeout_s = err, DEFAULT_TIMEOUT_S
+    try:
+        if stats is not None and not isinstance(stats, CommStats):
+            raise TypeError(f"stats must be a CommStats or None, but got {type(stats).__name__}")
         (segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets, head_groups,
          key_padding_mask) = _validate(query, key, value, segment_lengths, dilation_rates, is_causal, scale,
                                        dropout_p, offsets, head_groups, key_padding_mask, return_lse)
@@ -164,21 +180,13 @@ def head_parallel_dilated_attention(
                 "or a process group whose size divides the heads"
             )
     except (TypeError, ValueError) as err:  # reported to every rank below, then raised here
-        local_error = err
-    shape = tuple(query.shape) if isinstance(query, torch.Tensor) and query.dim() == 4 else (-1,) * 4
-    kv_heads = key.shape[2] if isinstance(key, torch.Tensor) and key.dim() == 4 else -1
-    fields = {
-        "batch": shape[0], "n_local (shard length)": shape[1], "heads": shape[2], "kv_heads": kv_heads,
-        "head_dim": shape[3], "dtype": dtype_code(getattr(query, "dtype", None)),
-        "is_causal": int(is_causal) if isinstance(is_causal, bool) else -1,
-        "scale": float_bits(scale) if local_error is None else -1,
-        "dropout_p": float_bits(dropout_p) if local_error is None else -1,
-        "patterns/offsets/head_groups": config_digest(segment_lengths, dilation_rates, offsets, head_groups),
-        "key_padding_mask given": int(key_padding_mask is not None),
-        "return_lse": int(return_lse) if isinstance(return_lse, bool) else -1,
-        "backend": config_digest(backend),
-    }
-    agree_or_raise(_WHAT, fields, local_error, group, collective_device(group, query), check_timeout_s)
+        local_error = local_error or err
+    settings = call_settings(
+        query, key, is_causal=is_causal, scale=scale, dropout_p=dropout_p, segment_lengths=segment_lengths,
+        dilation_rates=dilation_rates, offsets=offsets, head_groups=head_groups,
+        key_padding_mask=key_padding_mask is not None, return_lse=return_lse, backend=backend,
+    )
+    agree_or_raise(_WHAT, "head_parallel", settings, local_error, group, collective_device(group, query), timeout_s)
     if stats is not None:
         stats.calls += 1
     b, n_local, h, d = query.shape
@@ -187,14 +195,16 @@ def head_parallel_dilated_attention(
         key = key.repeat_interleave(h // h_kv, dim=2)
         value = value.repeat_interleave(h // h_kv, dim=2)
         h_kv = h
-    q_h = _SeqToHeads.apply(query, group, world, stats)  # (b, n, h/P, d)
-    k_h = _SeqToHeads.apply(key, group, world, stats)  # (b, n, h_kv/P, d)
-    v_h = _SeqToHeads.apply(value, group, world, stats)
+    q_h = _SeqToHeads.apply(query, group, world, stats, timeout_s, "query shards")  # (b, n, h/P, d)
+    k_h = _SeqToHeads.apply(key, group, world, stats, timeout_s, "key shards")  # (b, n, h_kv/P, d)
+    v_h = _SeqToHeads.apply(value, group, world, stats, timeout_s, "value shards")
     mask = None
     if key_padding_mask is not None:
         mine = key_padding_mask.to(torch.uint8).contiguous()  # gloo has no bool collectives
         parts = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(parts, mine, group=group)
+        transfer = "the all-gather of key_padding_mask shards"
+        work = post(_WHAT, transfer, lambda: dist.all_gather(parts, mine, group=group, async_op=True))
+        wait_transfers([(work, transfer)], _WHAT, timeout_s, mine.device)
         mask = torch.cat(parts, 1).bool()  # (b, n)
     qpk = h // h_kv
     hp, kvp = h // world, h_kv // world
@@ -216,11 +226,12 @@ def head_parallel_dilated_attention(
         outs.append(out_r)
         lses.append(lse_r)
     out_h = torch.cat(outs, 2) if len(outs) > 1 else outs[0]  # (b, n, h/P, d)
-    out = _HeadsToSeq.apply(out_h, group, world, stats)  # (b, n_local, h, d)
+    out = _HeadsToSeq.apply(out_h, group, world, stats, timeout_s, "output heads")  # (b, n_local, h, d)
     if not return_lse:
         return out
     lse_h = torch.cat(lses, 1) if len(lses) > 1 else lses[0]  # (b, h/P, n)
-    lse = _HeadsToSeq.apply(lse_h.transpose(1, 2).unsqueeze(-1).contiguous(), group, world, None)
+    lse = _HeadsToSeq.apply(lse_h.transpose(1, 2).unsqueeze(-1).contiguous(), group, world, None, timeout_s,
+                            "LSE heads")
     return out, lse.squeeze(-1).transpose(1, 2)  # (b, h, n_local)
 
 
@@ -228,7 +239,8 @@ class DistributedImprovedDilatedAttention(ImprovedDilatedAttention):
     """Head-parallel :class:`ImprovedDilatedAttention` for multi-GPU / multi-node training: shard in,
     shard out. Each rank runs the fastest single-device path on its heads of the whole sequence.
 
-    Needs ``num_heads % world == 0``; see :func:`head_parallel_dilated_attention`. ``.stats`` counts bytes.
+    Needs ``num_heads % world == 0``; see :func:`head_parallel_dilated_attention`. ``.stats`` counts bytes;
+    ``timeout_s`` bounds every wait for other ranks.
     """
 
     def __init__(
@@ -242,11 +254,13 @@ class DistributedImprovedDilatedAttention(ImprovedDilatedAttention):
         head_groups: bool = False,
         backend: Optional[str] = None,
         process_group: Any = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         super().__init__(
             segment_lengths, dilation_rates, softmax_scale, attention_dropout, offsets=offsets,
             head_groups=head_groups, backend=backend,
         )
+        self.timeout_s = check_timeout(timeout_s)
         self.process_group = process_group
         self.stats = CommStats()
 
@@ -263,7 +277,7 @@ class DistributedImprovedDilatedAttention(ImprovedDilatedAttention):
             query, key, value, c.segment_lengths, c.dilation_rates, process_group=self.process_group,
             is_causal=is_causal, scale=c.softmax_scale, dropout_p=c.dropout if self.training else 0.0,
             offsets=c.offsets, head_groups=c.head_groups, key_padding_mask=key_padding_mask, backend=c.backend,
-            stats=self.stats,
+            stats=self.stats, timeout_s=self.timeout_s,
         )
 
 
@@ -271,15 +285,21 @@ class DistributedImprovedMultiheadDilatedAttention(ImprovedMultiheadDilatedAtten
     """:class:`ImprovedMultiheadDilatedAttention` (fused q/k/v projection) whose core is
     :class:`DistributedImprovedDilatedAttention`; ``to_multihead()`` gives the single-device equivalent.
 
-    Input: this rank's shard ``(b, n_local, embed_dim)``; output: its shard of the result.
+    Input: this rank's shard ``(b, n_local, embed_dim)``; output: its shard of the result. ``timeout_s``
+    bounds every wait for other ranks.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, process_group: Any = None, **kwargs: Any) -> None:
-        self._hp_process_group = process_group  # read by _make_attention during super().__init__
+    def __init__(
+        self, embed_dim: int, num_heads: int, *, process_group: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> None:
+        # read by _make_attention during super().__init__
+        self._hp_process_group, self._hp_timeout_s = process_group, check_timeout(timeout_s)
         super().__init__(embed_dim, num_heads, **kwargs)
 
     def _make_attention(self, *args: Any, **kwargs: Any) -> BaseDilatedAttention:
-        return DistributedImprovedDilatedAttention(*args, process_group=self._hp_process_group, **kwargs)
+        return DistributedImprovedDilatedAttention(*args, process_group=self._hp_process_group,
+                                                   timeout_s=self._hp_timeout_s, **kwargs)
 
     @property
     def stats(self) -> CommStats:

@@ -14,7 +14,7 @@ of received rows to their owners.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -28,8 +28,8 @@ from ..multihead import BaseMultiheadDilatedAttention
 from ..patterns import OffsetRule
 from ..engine import Block, _add_heads, _from_kernel, _heads, _rows, _to_kernel
 from .comm import (
-    DEFAULT_CHECK_TIMEOUT_S, CommStats, agree_or_raise, collective_device, config_digest, dtype_code,
-    exchange, float_bits, resolve_group, wait_all,
+    DEFAULT_TIMEOUT_S, CommStats, agree_or_raise, call_settings, check_timeout, collective_device, exchange,
+    resolve_group, resolve_timeout, wait_transfers,
 )
 from .ring_plan import RingPlan, ring_plan
 
@@ -47,6 +47,7 @@ class _Args:
     kernel: BlockKernel  # own blocks (square): the kernel the single-device path would pick
     remote_kernel: BlockKernel  # remote blocks (queries and keys of different lengths): a portable kernel
     stats: Optional[CommStats]
+    timeout_s: float  # bound on every wait for other ranks
 
 
 def _q_rows(x: torch.Tensor, block: Block) -> torch.Tensor:
@@ -129,7 +130,7 @@ class _RingFunction(torch.autograd.Function):
         # 1. Post the transfers of dilated key/value rows; they overlap with the local blocks.
         sends = [(p, _pack_kv(k, v, key_valid, ts)) for p, ts in plan.sends]
         recvs = [(p, q.new_empty(_kv_buffer_size(ts, b, d, with_mask))) for p, ts in plan.recvs]
-        works = exchange(sends, recvs, args.group)
+        works = exchange(sends, recvs, args.group, _WHAT, "key/value rows (forward)")
         # 2. Local blocks: this rank's queries against its own keys.
         out_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
@@ -145,7 +146,7 @@ class _RingFunction(torch.autograd.Function):
             out_b, lse_b = _mask_no_keys(out_b.to(acc), lse_b.to(acc), kv_rows, args.is_causal)
             _merge_into(out_acc, lse_acc, block, out_b, lse_b, b)
         # 3. Remote blocks: queries of spanning segments against the rows other ranks sent.
-        wait_all(works)
+        wait_transfers(works, _WHAT, args.timeout_s, q.device)
         received = [x for (_, buf), (_, ts) in zip(recvs, plan.recvs) for x in _unpack_kv(buf, ts, b, d, with_mask)]
         remote = []
         for call in plan.remote_calls:
@@ -222,7 +223,7 @@ class _RingFunction(torch.autograd.Function):
                 i += 1
             sends.append((peer, torch.cat(parts)))
         recvs = [(p, q.new_empty(_kv_buffer_size(ts, b, d, False))) for p, ts in plan.sends]
-        works = exchange(sends, recvs, args.group)
+        works = exchange(sends, recvs, args.group, _WHAT, "key/value gradients (backward)")
         # 2. Local blocks.
         for block, rng in zip(plan.own_blocks, ctx.rng_own):
             kv_rows = None if key_valid is None else _rows(key_valid, block).reshape(-1, block.span.rows)
@@ -232,7 +233,7 @@ class _RingFunction(torch.autograd.Function):
             _add_heads(_rows(dk, block), block.kv_heads, _from_kernel(dk_b, b).to(acc))
             _add_heads(_rows(dv, block), block.kv_heads, _from_kernel(dv_b, b).to(acc))
         # 3. Gradients of the rows this rank sent, from the ranks that used them.
-        wait_all(works)
+        wait_transfers(works, _WHAT, args.timeout_s, q.device)
         for (_, buf), (_, ts) in zip(recvs, plan.sends):
             for t, (gk, gv, _) in zip(ts, _unpack_kv(buf, ts, b, d, False)):
                 idx = torch.tensor(t.kv_heads, device=q.device)
@@ -269,6 +270,51 @@ def _validate(query, key, value, segment_lengths, dilation_rates, is_causal, sca
             a.key_padding_mask)
 
 
+class _Agreed(NamedTuple):
+    """A call's validated settings, after every rank agreed on them."""
+
+    group: Any
+    rank: int
+    world: int
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    is_causal: bool
+    scale: Optional[float]
+    offsets: Any
+    head_groups: bool
+    key_padding_mask: Optional[torch.Tensor]
+    timeout_s: float
+
+
+def _agree(query, key, value, segment_lengths, dilation_rates, process_group, is_causal, scale, dropout_p, offsets,
+           head_groups, key_padding_mask, return_lse, backend, stats, timeout_s, check_timeout_s) -> _Agreed:
+    """Validate this rank's call and agree on it with every rank of the group (raises on every rank if
+    any rank's inputs are invalid or differ, or if another rank called another strategy)."""
+    group, rank, world = resolve_group(process_group, _WHAT)
+    local_error: Optional[BaseException] = None
+    try:
+        timeout_s = resolve_timeout(timeout_s, check_timeout_s, stacklevel=4)  # user -> ring -> _agree -> here
+    except (TypeError, ValueError) as err:
+        local_error, timeout_s = err, DEFAULT_TIMEOUT_S
+    try:
+        if stats is not None and not isinstance(stats, CommStats):
+            raise TypeError(f"stats must be a CommStats or None, but got {type(stats).__name__}")
+        segment_lengths, dilation_rates, is_causal, scale, offsets, head_groups, key_padding_mask = _validate(
+            query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets,
+            head_groups, key_padding_mask, return_lse, backend,
+        )
+    except (TypeError, ValueError) as err:  # reported to every rank below, then raised here
+        local_error = local_error or err
+    settings = call_settings(
+        query, key, is_causal=is_causal, scale=scale, segment_lengths=segment_lengths,
+        dilation_rates=dilation_rates, offsets=offsets, head_groups=head_groups,
+        key_padding_mask=key_padding_mask is not None, return_lse=return_lse, backend=backend,
+    )
+    agree_or_raise(_WHAT, "ring", settings, local_error, group, collective_device(group, query), timeout_s)
+    return _Agreed(group, rank, world, segment_lengths, dilation_rates, is_causal, scale, offsets, head_groups,
+                   key_padding_mask, timeout_s)
+
+
 def ring_dilated_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -286,7 +332,8 @@ def ring_dilated_attention(
     return_lse: bool = False,
     backend: str = "auto",
     stats: Optional[CommStats] = None,
-    check_timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    check_timeout_s: Optional[float] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Dilated attention over a sequence split across the ranks of ``process_group``.
 
@@ -296,35 +343,23 @@ def ring_dilated_attention(
     the whole sequence of ``world·n_local`` tokens — forward and gradients. ``key_padding_mask`` is this
     rank's shard ``(b, n_local)``. ``return_lse=True`` also returns the shard's LSE ``(b, h, n_local)``.
 
-    Every rank must call this with the same settings; a rank with a different shard shape or setting
-    makes every rank raise (after one small all-gather, bounded by ``check_timeout_s``). ``stats``, a
-    :class:`CommStats`, accumulates the bytes this rank sends and receives. Dropout is not supported.
-    ``backend`` (``"auto"``, ``"fused"``, ``"portable"``) chooses the block kernel as on one device.
+    Every rank must call this with the same settings (forward and backward); a rank with a different
+    shard shape or setting, or one that called another sequence-parallel strategy, makes every rank raise
+    a ``ValueError`` naming the differing values per rank (after one small all-gather). ``timeout_s``
+    (seconds, default 300) bounds that check and every later wait for other ranks' rows or gradients: a
+    rank that never arrives, or fails or stops after the check, makes the others raise a ``RuntimeError``
+    within ``timeout_s`` instead of hanging. On a GPU (NCCL) the waits after the check stay stream-ordered
+    (a bounded host wait would stall the GPU) and the process group's own timeout bounds them.
+    ``check_timeout_s`` is the deprecated former name of ``timeout_s``. ``stats``, a :class:`CommStats`,
+    accumulates the bytes this rank sends and receives. Dropout is not supported. ``backend``
+    (``"auto"``, ``"fused"``, ``"portable"``) chooses the block kernel as on one device.
     """
-    group, rank, world = resolve_group(process_group, _WHAT)
-    if stats is not None and not isinstance(stats, CommStats):
-        raise TypeError(f"stats must be a CommStats or None, but got {type(stats).__name__}")
-    local_error: Optional[BaseException] = None
-    try:
-        segment_lengths, dilation_rates, is_causal, scale, offsets, head_groups, key_padding_mask = _validate(
-            query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets,
-            head_groups, key_padding_mask, return_lse, backend,
-        )
-    except (TypeError, ValueError) as err:  # reported to every rank below, then raised here
-        local_error = err
-    shape = tuple(query.shape) if isinstance(query, torch.Tensor) and query.dim() == 4 else (-1,) * 4
-    kv_heads = key.shape[2] if isinstance(key, torch.Tensor) and key.dim() == 4 else -1
-    fields = {
-        "batch": shape[0], "n_local (shard length)": shape[1], "heads": shape[2], "kv_heads": kv_heads,
-        "head_dim": shape[3], "dtype": dtype_code(getattr(query, "dtype", None)),
-        "is_causal": int(bool(is_causal)) if isinstance(is_causal, bool) else -1,
-        "scale": float_bits(scale) if local_error is None else -1,
-        "patterns/offsets/head_groups": config_digest(segment_lengths, dilation_rates, offsets, head_groups),
-        "key_padding_mask given": int(key_padding_mask is not None),
-        "return_lse": int(bool(return_lse)) if isinstance(return_lse, bool) else -1,
-        "backend": config_digest(backend),
-    }
-    agree_or_raise(_WHAT, fields, local_error, group, collective_device(group, query), check_timeout_s)
+    call = _agree(query, key, value, segment_lengths, dilation_rates, process_group, is_causal, scale, dropout_p,
+                  offsets, head_groups, key_padding_mask, return_lse, backend, stats, timeout_s, check_timeout_s)
+    group, rank, world = call.group, call.rank, call.world
+    segment_lengths, dilation_rates, is_causal, scale = (call.segment_lengths, call.dilation_rates,
+                                                         call.is_causal, call.scale)
+    offsets, head_groups, key_padding_mask = call.offsets, call.head_groups, call.key_padding_mask
     b, n_local, h, d = query.shape
     if scale is None:
         scale = d**-0.5
@@ -344,7 +379,7 @@ def ring_dilated_attention(
     # The block kernel the single-device path would pick (fused cuDNN where it can, else portable).
     kernel = choose_backend(backend, query, key_padding_mask, 0.0, False).kernel
     remote_kernel = choose_kernel(_inputs(query, key_valid, False))  # e.g. FlashAttention-2 on CUDA bf16
-    args = _Args(plan, group, is_causal, scale, kernel, remote_kernel, stats)
+    args = _Args(plan, group, is_causal, scale, kernel, remote_kernel, stats, call.timeout_s)
     out, lse_bnh = _RingFunction.apply(query, key, value, key_valid, args)  # (b, n_local, h, d), (b, n_local, h)
     lse = lse_bnh.transpose(1, 2)  # (b, h, n_local)
     c0, c1 = plan.core
@@ -368,8 +403,9 @@ def ring_dilated_attention(
 class RingDilatedAttention(BaseDilatedAttention):
     """:class:`DilatedAttention` over a sequence sharded across ``process_group`` (shard in, shard out).
 
-    ``.stats`` (a :class:`CommStats`) counts the bytes this rank sends. Attention dropout is not
-    supported (construct with ``attention_dropout=0``); ``backend`` must not be ``"reference"``.
+    ``.stats`` (a :class:`CommStats`) counts the bytes this rank sends. ``timeout_s`` bounds every wait
+    for other ranks (see :func:`ring_dilated_attention`). Attention dropout is not supported (construct
+    with ``attention_dropout=0``); ``backend`` must not be ``"reference"``.
     """
 
     def __init__(
@@ -383,11 +419,13 @@ class RingDilatedAttention(BaseDilatedAttention):
         head_groups: bool = False,
         backend: Optional[str] = None,
         process_group: Any = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         super().__init__(
             segment_lengths, dilation_rates, softmax_scale, attention_dropout, offsets=offsets,
             head_groups=head_groups, backend=backend,
         )
+        self.timeout_s = check_timeout(timeout_s)
         if self.config.dropout > 0:
             raise ValueError(
                 f"attention_dropout must be 0 for RingDilatedAttention (dropout is not supported across ranks), "
@@ -410,22 +448,28 @@ class RingDilatedAttention(BaseDilatedAttention):
         return ring_dilated_attention(
             query, key, value, c.segment_lengths, c.dilation_rates, process_group=self.process_group,
             is_causal=is_causal, scale=c.softmax_scale, offsets=c.offsets, head_groups=c.head_groups,
-            key_padding_mask=key_padding_mask, backend=c.backend, stats=self.stats,
+            key_padding_mask=key_padding_mask, backend=c.backend, stats=self.stats, timeout_s=self.timeout_s,
         )
 
 
 class RingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     """:class:`MultiheadDilatedAttention` whose attention core is :class:`RingDilatedAttention`.
 
-    Input: this rank's shard ``(b, n_local, embed_dim)``; output: its shard of the result.
+    Input: this rank's shard ``(b, n_local, embed_dim)``; output: its shard of the result. ``timeout_s``
+    bounds every wait for other ranks (see :func:`ring_dilated_attention`).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, process_group: Any = None, **kwargs: Any) -> None:
-        self._ring_process_group = process_group  # read by _make_attention during super().__init__
+    def __init__(
+        self, embed_dim: int, num_heads: int, *, process_group: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> None:
+        # read by _make_attention during super().__init__
+        self._ring_process_group, self._ring_timeout_s = process_group, check_timeout(timeout_s)
         super().__init__(embed_dim, num_heads, **kwargs)
 
     def _make_attention(self, *args: Any, **kwargs: Any) -> BaseDilatedAttention:
-        return RingDilatedAttention(*args, process_group=self._ring_process_group, **kwargs)
+        return RingDilatedAttention(*args, process_group=self._ring_process_group, timeout_s=self._ring_timeout_s,
+                                    **kwargs)
 
     @property
     def stats(self) -> CommStats:
