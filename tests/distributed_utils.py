@@ -121,7 +121,7 @@ def random_cases(seed: int, count: int, world: int, head_multiple: int = 1) -> l
         cases.append(case(
             b=rnd.choice([1, 2]), n_local=rnd.randint(1, 10), h=h, h_kv=h_kv, d=rnd.choice([4, 8]), segs=tuple(segs),
             dils=tuple(dils), causal=rnd.random() < 0.5, offsets=rnd.choice(["paper", "torchscale", "group"]),
-            head_groups=rnd.random() < 0.3, mask=rnd.random() < 0.3, lse=rnd.random() < 0.3, spanning=None,
+            head_groups=rnd.random() < 0.3 and h >= k, mask=rnd.random() < 0.3, lse=rnd.random() < 0.3, spanning=None,
         ))
     return cases
 

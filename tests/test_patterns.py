@@ -57,9 +57,10 @@ def configs(draw):
     ws = [draw(st.integers(1, 12)) for _ in range(k)]
     rs = [draw(st.integers(1, w)) for w in ws]
     n = draw(st.integers(1, 20))
-    h = draw(st.integers(1, 6))
+    head_groups = draw(st.booleans())
+    h = draw(st.integers(k if head_groups else 1, 6))  # head_groups needs a head per pattern (issue 13)
     rule = draw(st.sampled_from(["paper", "torchscale", "group"]))
-    return n, h, ws, rs, rule, draw(st.booleans())
+    return n, h, ws, rs, rule, head_groups
 
 
 @settings(max_examples=60, deadline=None)

@@ -3,6 +3,7 @@ and the rule it breaks."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -13,12 +14,40 @@ from .patterns import OFFSET_RULES, head_groups_of
 BACKENDS = ("auto", "fused", "portable", "reference")
 
 
+def _scalar(value: Any) -> Any:
+    """A 0-d tensor's Python number (``torch.tensor(3)`` -> 3); anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        return value.item()
+    return value
+
+
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """An int >= ``minimum``: Python, NumPy and 0-d torch integers alike (not bools)."""
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, but got {value!r} of type {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, but got {value}")
     return int(value)
+
+
+def check_float(name: str, value: Any, *, minimum: float, inclusive: bool = True) -> float:
+    """A finite real number >= ``minimum`` (> when not ``inclusive``): Python, NumPy, 0-d torch numbers."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, but got {value!r} of type {type(value).__name__}")
+    x = float(value)
+    if not math.isfinite(x) or x < minimum or (x == minimum and not inclusive):
+        rule = f">= {minimum}" if inclusive else f"> {minimum}"
+        raise ValueError(f"{name} must be a finite number {rule}, but got {value!r}")
+    return x
+
+
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """A strided dense tensor: not sparse, not nested (their storage cannot be viewed the way we do)."""
+    if t.layout != torch.strided or t.is_nested:
+        kind = "nested" if t.is_nested else str(t.layout)
+        raise TypeError(f"{name} must be a dense (torch.strided) tensor, but got a {kind} tensor; call .to_dense()")
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -70,7 +99,9 @@ def check_patterns(segment_lengths: Any, dilation_rates: Any) -> tuple[tuple[int
 
 def check_offsets(offsets: Any, dilation_rates: Sequence[int], num_heads: Optional[int], head_groups: bool) -> Any:
     """A rule name, or offsets[i][j] with values in [0, r_i); j indexes the heads that use pattern i
-    (or all heads). Without num_heads, the lengths are checked later, once the heads are known."""
+    (or all heads). Without num_heads, the lengths (and head groups: at least one head per pattern)
+    are checked later, once the heads are known."""
+    users = None if num_heads is None else head_groups_of(num_heads, len(dilation_rates), head_groups)
     if isinstance(offsets, str):
         if offsets not in OFFSET_RULES:
             raise ValueError(f"offsets must be one of {OFFSET_RULES} or a list of lists, but got {offsets!r}")
@@ -89,8 +120,7 @@ def check_offsets(offsets: Any, dilation_rates: Sequence[int], num_heads: Option
             if o >= r:
                 raise ValueError(f"offsets[{i}][{j}] must be in [0, dilation_rates[{i}]={r}), but got {o}")
         rows.append(tuple(int(o) for o in row))
-    if num_heads is not None:
-        users = head_groups_of(num_heads, len(dilation_rates), head_groups)
+    if users is not None:
         for i, row in enumerate(rows):
             if len(row) not in (len(users[i]), num_heads):
                 raise ValueError(
@@ -111,6 +141,7 @@ def check_qkv(query: Any, key: Any, value: Any) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, but got {type(t).__name__}")
+        check_dense(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), but got shape {tuple(t.shape)}")
         if not t.is_floating_point():
@@ -143,6 +174,7 @@ def check_key_padding_mask(mask: Any, query: torch.Tensor) -> Optional[torch.Ten
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"key_padding_mask must be a bool tensor or None, but got {type(mask).__name__}")
+    check_dense("key_padding_mask", mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must have dtype torch.bool (True = padding), but got {mask.dtype}")
     expected = (query.shape[0], query.shape[1])

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from . import _validation as V
 from .kernels import FUSED_KERNELS, KERNELS, BlockInputs, BlockKernel, choose_kernel, kernel_reasons
 from .kernels.triton_gather import triton_available
 
@@ -76,5 +77,12 @@ def explain_backend(
     return_lse: bool = False,
     backend: str = "auto",
 ) -> BackendChoice:
-    """What ``dilated_attention(query, ..., backend=backend)`` would run, and why not the fused path."""
+    """What ``dilated_attention(query, ..., backend=backend)`` would run, and why not the fused path.
+
+    The arguments are checked as ``dilated_attention`` checks them (query ``(b, n, h, d)``)."""
+    V.check_qkv(query, query, query)
+    key_padding_mask = V.check_key_padding_mask(key_padding_mask, query)
+    dropout_p = V.check_dropout("dropout_p", dropout_p)
+    return_lse = V.check_bool("return_lse", return_lse)
+    backend = V.check_backend(backend)
     return choose_backend(backend, query, key_padding_mask, dropout_p, return_lse and torch.is_grad_enabled())

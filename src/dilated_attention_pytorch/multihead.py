@@ -77,7 +77,8 @@ class BaseMultiheadDilatedAttention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.gamma_init = float(gamma_init)
+        self.gamma_init = V.check_float("gamma_init", gamma_init, minimum=0.0)
+        layer_norm_eps = V.check_float("layer_norm_eps", layer_norm_eps, minimum=0.0, inclusive=False)
         self.attention = self._make_attention(
             segment_lengths, dilation_rates, softmax_scale, dropout, offsets=offsets, head_groups=head_groups,
             backend=backend,
@@ -90,6 +91,27 @@ class BaseMultiheadDilatedAttention(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.reset_parameters()
+
+    def _check_inputs(self, *named: tuple[str, torch.Tensor]) -> None:
+        """Dense ``(batch, seq, embed_dim)`` tensors of one dtype, the parameters' dtype unless autocast is on."""
+        for name, t in named:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, but got {type(t).__name__}")
+            V.check_dense(name, t)
+            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), but got {tuple(t.shape)}"
+                )
+        dtypes = [t.dtype for _, t in named]
+        if len(set(dtypes)) != 1:
+            names = ", ".join(name for name, _ in named)
+            raise TypeError(f"{names} must have one dtype, but got {', '.join(map(str, dtypes))}")
+        weight = self.out_proj.weight
+        if dtypes[0] != weight.dtype and not torch.is_autocast_enabled(named[0][1].device.type):
+            raise TypeError(
+                f"{named[0][0]} has dtype {dtypes[0]}, but this module's parameters are {weight.dtype}; convert "
+                f"the inputs or the module (module.to({dtypes[0]})), or run under torch.autocast"
+            )
 
     # -- what subclasses choose ------------------------------------------------------------------
     def _make_attention(self, *args, **kwargs) -> BaseDilatedAttention:
@@ -126,10 +148,7 @@ class BaseMultiheadDilatedAttention(nn.Module):
         need_weights: bool = False,
         attn_mask: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, None]:
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.embed_dim:
-                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), but got {shape}")
+        self._check_inputs(("query", query), ("key", key), ("value", value))
         if need_weights:
             warnings.warn(
                 "need_weights=True: dilated attention never materialises attention weights; returning None",

@@ -32,8 +32,8 @@ class PatternGroup:
 
     pattern: int  # index i of the (segment, dilation) pair
     segment: int  # effective segment length W_i = min(w_i, n)
-    dilation: int  # r_i
-    offset: int  # o, in [0, r_i)
+    dilation: int  # effective dilation min(r_i, W_i): a segment holds one row of offset o when r_i >= W_i
+    offset: int  # o, in [0, min(r_i, W_i)): offsets >= W_i cover no row and have no group
     heads: tuple[int, ...]  # query heads (global indices, ascending)
 
 
@@ -53,9 +53,19 @@ class RowSpan:
 
 
 def head_groups_of(num_heads: int, num_patterns: int, head_groups: bool) -> list[range]:
-    """Heads that use each pattern: all heads, or contiguous groups with group 0 first."""
+    """Heads that use each pattern: all heads, or contiguous groups with group 0 first.
+
+    With ``head_groups`` every pattern needs a group of at least one head: fewer heads than patterns
+    would drop patterns, so that raises.
+    """
     if not head_groups:
         return [range(num_heads)] * num_patterns
+    if num_heads < num_patterns:
+        raise ValueError(
+            f"head_groups=True gives each pattern its own group of heads and needs at least one head per "
+            f"pattern, but got num_heads={num_heads} for {num_patterns} patterns; use at least "
+            f"{num_patterns} heads, fewer patterns, or head_groups=False"
+        )
     groups, start = [], 0
     for i in range(num_patterns):
         size = num_heads // num_patterns + (1 if i < num_heads % num_patterns else 0)
@@ -95,11 +105,15 @@ def _pattern_groups(
     users = head_groups_of(num_heads, len(segment_lengths), head_groups)
     for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
         heads = users[i]
+        seg = min(w, n)  # W_i; offsets and rows are plain Python ints, sizes beyond int64 included
         by_offset: dict[int, list[int]] = {}
         for j, o in zip(heads, head_offsets(offsets, i, r, heads)):
-            by_offset.setdefault(o, []).append(j)
+            if o < seg:  # (t mod W) mod r < W: a larger offset covers no row
+                by_offset.setdefault(o, []).append(j)
         for o in sorted(by_offset):
-            groups.append(PatternGroup(i, min(w, n), r, o, tuple(by_offset[o])))
+            # with r >= W a segment holds the single row o: dilation W selects the same rows, and
+            # every stride and index stays below n
+            groups.append(PatternGroup(i, seg, min(r, seg), o, tuple(by_offset[o])))
     return tuple(groups)
 
 
@@ -111,7 +125,10 @@ def pattern_groups(
     offsets: OffsetRule = "paper",
     head_groups: bool = False,
 ) -> tuple[PatternGroup, ...]:
-    """Every (pattern, offset) pair in use, with the query heads it serves. Cached (bounded LRU)."""
+    """Every (pattern, offset) pair that covers rows of ``n`` tokens, with the query heads it serves.
+
+    Segment, dilation and offset are effective: each is below or at ``n`` whatever ``w_i`` and ``r_i``
+    are (``min(w_i, n)``, ``min(r_i, W_i)``), so sizes beyond int64 are fine. Cached (bounded LRU)."""
     key = offsets if isinstance(offsets, str) else tuple(tuple(int(o) for o in row) for row in offsets)
     return _pattern_groups(
         n, num_heads, tuple(segment_lengths), tuple(dilation_rates), key, bool(head_groups)

@@ -29,8 +29,10 @@ def count_matrix(
     for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
         seg_len = min(w, n)
         same_segment = (t[:, None] // seg_len) == (t[None, :] // seg_len)
-        phase = (t % seg_len) % r
+        phase = (t % seg_len) % min(r, seg_len)  # the same phases: t mod W < W <= r otherwise
         for j, o in zip(users[i], head_offsets(offsets, i, r, users[i])):
+            if o >= seg_len:  # no phase reaches it (and o may exceed int64)
+                continue
             on = phase == o
             counts[j] += (same_segment & on[:, None] & on[None, :]).double()
     return counts

@@ -26,6 +26,7 @@ def check_layout(layout, num_heads: int, seq_len: int, block_size: int, device: 
     """layout: bool (num_heads or 1, ceil(n/block_size), ceil(n/block_size)) on the inputs' device."""
     if not isinstance(layout, torch.Tensor):
         raise TypeError(f"layout must be a bool torch.Tensor, but got {type(layout).__name__}")
+    V.check_dense("layout", layout)
     if layout.dtype != torch.bool:
         raise TypeError(f"layout must have dtype torch.bool, but got {layout.dtype}")
     nb = -(-seq_len // block_size)
@@ -110,7 +111,8 @@ def block_sparse_attention(
         key, value: ``(b, n, h_kv, d)`` with ``h % h_kv == 0`` (grouped-query attention).
         layout: bool ``(h or 1, ceil(n/block_size), ceil(n/block_size))``; query ``t`` of head ``j`` sees
             key ``u`` iff ``layout[j, t // block_size, u // block_size]`` (and ``u <= t`` if causal).
-        block_size: tokens per block; ``n`` need not be a multiple of it.
+        block_size: tokens per block; ``n`` need not be a multiple of it (any ``block_size >= n`` is
+            one block of ``n`` tokens).
         is_causal: also require ``u <= t``.
         scale: score scale, default ``d ** -0.5``.
         return_lse: also return the log-sum-exp ``(b, h, n)`` (float32; float64 for float64 inputs).
@@ -132,6 +134,9 @@ def block_sparse_attention(
     scale = V.check_scale("scale", scale)
     b, n, h, d = query.shape
     layout = check_layout(layout, h, n, block_size, query.device)
+    # Any block_size >= n gives the one-block layout (1, 1): tiles of n tokens compute the same, and
+    # no work or memory grows with block_size beyond the sequence.
+    block_size = min(block_size, n)
     if scale is None:
         scale = d**-0.5
     chosen = block_sparse_backend(query, block_size, backend)

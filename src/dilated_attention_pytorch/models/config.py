@@ -60,6 +60,8 @@ class _ModelSettings:
                 f"but got {self.attention_type!r}; sequence-parallel types take sequence shards, not whole sequences"
             )
         V.check_bool("tie_embeddings", self.tie_embeddings)
+        eps = V.check_float("layer_norm_eps", self.layer_norm_eps, minimum=0.0, inclusive=False)
+        object.__setattr__(self, "layer_norm_eps", eps)
 
     @property
     def head_dim(self) -> int:

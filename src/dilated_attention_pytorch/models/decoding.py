@@ -52,7 +52,9 @@ class DilatedKVCache:
 
     Use: :meth:`fill` after a full causal pass over a prompt at positions ``0..n-1`` (or start empty),
     then :meth:`attend` for the next tokens. Keys and values are stored as the attention sees them
-    (after rotary/XPOS). Buffers are allocated once at their final size.
+    (after rotary/XPOS). A buffer grows (doubling) with the keys of its current segment, up to its bound
+    ``len(range(o, w_i, r_i))``, and then stays: the cache never holds more than the text decoded so far
+    or one segment's keys, so a segment longer than any text (``w_i = 2**62``) costs only the text.
     """
 
     def __init__(
@@ -87,13 +89,13 @@ class DilatedKVCache:
             kv_of_head = [j // group for j in pg.heads]
             kv_heads = tuple(sorted(set(kv_of_head)))
             kv_map = [kv_heads.index(c) for c in kv_of_head]
-            capacity = len(range(pg.offset, pg.segment, pg.dilation))
+            capacity = -(-(pg.segment - pg.offset) // pg.dilation)  # len(range(o, w, r)), beyond ssize_t too
             self._slots.append(_Slot(
                 pg.segment, pg.dilation, pg.offset, _index(pg.heads, self.device), kv_heads,
                 None if kv_map == list(range(len(kv_heads))) else torch.tensor(kv_map, device=self.device),
                 capacity,
             ))
-            shape = (batch_size, len(kv_heads), capacity, head_dim)
+            shape = (batch_size, len(kv_heads), 0, head_dim)  # grown by _reserve as keys arrive
             self._keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._values.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._lengths.append(0)
@@ -110,7 +112,7 @@ class DilatedKVCache:
         return max(per_head)
 
     def numel(self) -> int:
-        """Elements held by the key and value buffers (fixed at construction)."""
+        """Elements held by the key and value buffers (at most twice the keys of one segment per buffer)."""
         return sum(k.numel() + v.numel() for k, v in zip(self._keys, self._values))
 
     def stored_keys(self) -> int:
@@ -118,6 +120,18 @@ class DilatedKVCache:
         return sum(n * len(s.kv_heads) for n, s in zip(self._lengths, self._slots))
 
     # -- writing ----------------------------------------------------------------------------------
+    def _reserve(self, idx: int, length: int) -> None:
+        """Make buffer ``idx`` hold at least ``length`` keys (``<=`` its slot's capacity), keeping its contents."""
+        held = self._keys[idx].shape[2]
+        if length <= held:
+            return
+        size = min(self._slots[idx].capacity, max(length, 2 * held, 8))
+        for buffers in (self._keys, self._values):
+            old = buffers[idx]
+            new = old.new_zeros(old.shape[0], old.shape[1], size, old.shape[3])
+            new[:, :, :held] = old
+            buffers[idx] = new
+
     def _check(self, name: str, x: torch.Tensor, heads: int) -> None:
         expected = (self.batch_size, heads, self.head_dim)
         if x.dim() != 4 or (x.shape[0], x.shape[2], x.shape[3]) != expected:
@@ -134,11 +148,14 @@ class DilatedKVCache:
         self._check("value", value, self.num_kv_heads)
         n = key.shape[1]
         for idx, slot in enumerate(self._slots):
-            start = n - n % slot.segment + slot.offset  # current segment of the *next* position n
+            # current segment of the *next* position n; bounds clamped to n (segments may exceed int64)
+            start = min(n, n - n % slot.segment + slot.offset)
+            step = min(slot.dilation, n)
             kv = list(slot.kv_heads)
-            rows_k = key[:, start:n:slot.dilation][:, :, kv].transpose(1, 2)  # (b, kv, m, d)
-            rows_v = value[:, start:n:slot.dilation][:, :, kv].transpose(1, 2)
+            rows_k = key[:, start:n:step][:, :, kv].transpose(1, 2)  # (b, kv, m, d)
+            rows_v = value[:, start:n:step][:, :, kv].transpose(1, 2)
             m = rows_k.shape[2]
+            self._reserve(idx, m)
             self._keys[idx][:, :, :m] = rows_k
             self._values[idx][:, :, :m] = rows_v
             self._lengths[idx] = m
@@ -171,6 +188,7 @@ class DilatedKVCache:
                 continue  # this pattern's heads of this offset see nothing at t
             m = self._lengths[idx]
             kv = list(slot.kv_heads)
+            self._reserve(idx, m + 1)
             self._keys[idx][:, :, m] = k[:, kv]
             self._values[idx][:, :, m] = v[:, kv]
             self._lengths[idx] = m + 1

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _validation as V
 from ..attention import BaseDilatedAttention
 from ..multihead import BaseMultiheadDilatedAttention
 from .decoding import DilatedKVCache
@@ -99,6 +100,7 @@ class DilatedSelfAttention(BaseMultiheadDilatedAttention):
         cache: Optional[DilatedKVCache] = None,
     ) -> torch.Tensor:
         """x ``(b, n, embed_dim)`` -> ``(b, n, embed_dim)``. With ``cache``: causal, continues at ``cache.position``."""
+        self._check_inputs(("x", x))
         b, n, _ = x.shape
         q, k, v = self._project(x, x, x)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (b, n, h, d)
@@ -131,10 +133,13 @@ class CrossAttention(nn.Module):
         layer_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        embed_dim, num_heads = V.check_int("embed_dim", embed_dim), V.check_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
-        self.dropout, self.gamma_init = dropout, gamma_init
+        self.dropout = V.check_dropout("dropout", dropout)
+        self.gamma_init = V.check_float("gamma_init", gamma_init, minimum=0.0)
+        layer_norm_eps = V.check_float("layer_norm_eps", layer_norm_eps, minimum=0.0, inclusive=False)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -175,7 +180,8 @@ class FeedForward(nn.Module):
     def __init__(self, embed_dim: int, ffn_dim: int, *, dropout: float = 0.0, gamma_init: float = 1.0,
                  layer_norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.gamma_init = gamma_init
+        self.gamma_init = V.check_float("gamma_init", gamma_init, minimum=0.0)
+        layer_norm_eps = V.check_float("layer_norm_eps", layer_norm_eps, minimum=0.0, inclusive=False)
         self.fc1 = nn.Linear(embed_dim, ffn_dim)
         self.norm = nn.LayerNorm(ffn_dim, eps=layer_norm_eps)
         self.fc2 = nn.Linear(ffn_dim, embed_dim)

@@ -11,20 +11,32 @@ from .. import _validation as V
 from .config import LongNetLMConfig
 from .decoding import DecodingState
 from .layers import LongNetBlock, magneto_gamma
-from .sampling import decode_loop
+from .sampling import check_generate_args, decode_loop
 
 __all__ = ["LongNetLM", "LongNetLMConfig", "check_token_ids"]
 
 
 def check_token_ids(name: str, ids, vocab_size: int) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
-        desc = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"{name} must be an int64 tensor of shape (batch, seq), but got {desc}")
-    if ids.shape[1] == 0:
-        raise ValueError(f"{name} must hold at least one token, but got shape {tuple(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"{name} must lie in [0, vocab_size={vocab_size}), but got values in "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
+    """Token ids: an integer tensor ``(batch, seq)`` with values in ``[0, vocab_size)``, as int64.
+
+    The values are checked except while ``torch.compile`` traces (a data-dependent check would break
+    the graph); out of range they would index outside the embedding."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids (batch, seq), but got {type(ids).__name__}")
+    V.check_dense(name, ids)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of token ids (int64), but got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        hint = "; for one sequence pass ids[None]" if ids.dim() == 1 else ""
+        raise ValueError(f"{name} must have shape (batch, seq), but got shape {tuple(ids.shape)}{hint}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one token per sequence, but got shape {tuple(ids.shape)}")
+    if not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"{name} must lie in [0, vocab_size={vocab_size}), but got values in [{low}, {high}]"
+            )
     return ids.long()
 
 
@@ -75,6 +87,7 @@ class LongNetLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, state: Optional[DecodingState] = None) -> torch.Tensor:
         """input_ids ``(b, n)`` -> logits ``(b, n, vocab)`` (float32 or the model dtype)."""
+        input_ids = check_token_ids("input_ids", input_ids, self.config.vocab_size)
         x = self.dropout(self.embed(input_ids))  # (b, n, e)
         for i, layer in enumerate(self.layers):
             x = layer(x, is_causal=True, cache=None if state is None else state.layers[i])
@@ -96,16 +109,16 @@ class LongNetLM(nn.Module):
     ) -> torch.Tensor:
         """Continue every prompt of ``input_ids (b, n)`` (one length, batched) with the decoding cache.
 
-        ``temperature=0`` is greedy. A sequence stops at ``stop_token`` (kept); later positions hold
+        ``temperature=0`` is greedy (else a finite number > 0). Token ids and counts may be Python, NumPy
+        or 0-d torch integers; every argument is checked before any work. A sequence stops at
+        ``stop_token`` (kept); later positions hold
         ``pad_token`` (default ``stop_token``). Returns ``(b, n + m)``, ``m <= max_new_tokens``. Runs in
         eval mode (dropout off) and restores the training flag.
         """
         ids = check_token_ids("input_ids", input_ids, self.config.vocab_size)
-        V.check_int("max_new_tokens", max_new_tokens, minimum=0)
-        for name, tok in (("stop_token", stop_token), ("pad_token", pad_token)):
-            if tok is not None and not (isinstance(tok, int) and 0 <= tok < self.config.vocab_size):
-                raise ValueError(f"{name} must be None or an int in [0, {self.config.vocab_size}), but got {tok!r}")
-        if max_new_tokens == 0:
+        a = check_generate_args(self.config.vocab_size, max_new_tokens, temperature, top_k, top_p, stop_token,
+                                pad_token)
+        if a.max_new_tokens == 0:
             return ids
         was_training = self.training
         self.eval()
@@ -113,8 +126,8 @@ class LongNetLM(nn.Module):
             state = self.new_state(ids.shape[0])
             logits = self(ids, state)[:, -1]
             return decode_loop(
-                lambda tok: self(tok, state)[:, -1], logits, ids, max_new_tokens, temperature=temperature,
-                top_k=top_k, top_p=top_p, stop_token=stop_token, pad_token=pad_token, generator=generator,
+                lambda tok: self(tok, state)[:, -1], logits, ids, a.max_new_tokens, temperature=a.temperature,
+                top_k=a.top_k, top_p=a.top_p, stop_token=a.stop_token, pad_token=a.pad_token, generator=generator,
             )
         finally:
             self.train(was_training)

@@ -12,7 +12,7 @@ from .config import LongNetConfig
 from .decoding import DecodingState
 from .layers import LongNetBlock, magneto_gamma
 from .lm import check_token_ids
-from .sampling import decode_loop
+from .sampling import check_generate_args, decode_loop
 
 __all__ = ["LongNet", "LongNetConfig"]
 
@@ -58,6 +58,7 @@ class LongNet(nn.Module):
 
     def encode(self, src_ids: torch.Tensor, src_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """src_ids ``(b, s)`` -> memory ``(b, s, e)``; ``src_padding_mask (b, s)``, True = padding."""
+        src_ids = check_token_ids("src_ids", src_ids, self.config.vocab_size)
         x = self.dropout(self.embed(src_ids))
         for layer in self.encoder:
             x = layer(x, is_causal=False, key_padding_mask=src_padding_mask)
@@ -74,6 +75,7 @@ class LongNet(nn.Module):
         state: Optional[DecodingState] = None,
     ) -> torch.Tensor:
         """tgt_ids ``(b, n)`` -> logits ``(b, n, vocab)``."""
+        tgt_ids = check_token_ids("tgt_ids", tgt_ids, self.config.vocab_size)
         x = self.dropout(self.embed(tgt_ids))
         for i, layer in enumerate(self.decoder):
             x = layer(x, is_causal=True, cache=None if state is None else state.layers[i], memory_kv=memory_kv[i],
@@ -85,6 +87,12 @@ class LongNet(nn.Module):
         self, src_ids: torch.Tensor, tgt_ids: torch.Tensor, src_padding_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Teacher forcing: logits ``(b, n, vocab)`` for ``tgt_ids (b, n)`` given ``src_ids (b, s)``."""
+        src_ids = check_token_ids("src_ids", src_ids, self.config.vocab_size)
+        tgt_ids = check_token_ids("tgt_ids", tgt_ids, self.config.vocab_size)
+        if src_ids.shape[0] != tgt_ids.shape[0]:
+            raise ValueError(
+                f"src_ids and tgt_ids must have one batch size, but got {src_ids.shape[0]} and {tgt_ids.shape[0]}"
+            )
         memory = self.encode(src_ids, src_padding_mask)
         return self.decode(tgt_ids, self.memory_kv(memory), src_padding_mask)
 
@@ -114,8 +122,13 @@ class LongNet(nn.Module):
         :meth:`LongNetLM.generate`. The encoder runs once; its keys/values are kept per layer."""
         src = check_token_ids("src_ids", src_ids, self.config.vocab_size)
         tgt = check_token_ids("tgt_prefix", tgt_prefix, self.config.vocab_size)
-        V.check_int("max_new_tokens", max_new_tokens, minimum=0)
-        if max_new_tokens == 0:
+        a = check_generate_args(self.config.vocab_size, max_new_tokens, temperature, top_k, top_p, stop_token,
+                                pad_token)
+        if src.shape[0] != tgt.shape[0]:
+            raise ValueError(
+                f"src_ids and tgt_prefix must have one batch size, but got {src.shape[0]} and {tgt.shape[0]}"
+            )
+        if a.max_new_tokens == 0:
             return tgt
         was_training = self.training
         self.eval()
@@ -124,9 +137,9 @@ class LongNet(nn.Module):
             state = self.new_state(tgt.shape[0])
             logits = self.decode(tgt, kv, src_padding_mask, state)[:, -1]
             return decode_loop(
-                lambda tok: self.decode(tok, kv, src_padding_mask, state)[:, -1], logits, tgt, max_new_tokens,
-                temperature=temperature, top_k=top_k, top_p=top_p, stop_token=stop_token, pad_token=pad_token,
-                generator=generator,
+                lambda tok: self.decode(tok, kv, src_padding_mask, state)[:, -1], logits, tgt, a.max_new_tokens,
+                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop_token=a.stop_token,
+                pad_token=a.pad_token, generator=generator,
             )
         finally:
             self.train(was_training)

@@ -2,21 +2,52 @@
 
 from __future__ import annotations
 
-import numbers
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["check_sampling", "sample_next_token"]
+from .. import _validation as V
+
+__all__ = ["GenerateArgs", "check_generate_args", "check_sampling", "sample_next_token"]
 
 
-def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), but got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, but got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or a number in (0, 1], but got {top_p!r}")
+def check_sampling(
+    temperature: float, top_k: Optional[int], top_p: Optional[float]
+) -> tuple[float, Optional[int], Optional[float]]:
+    """``temperature`` finite >= 0 (0 = greedy), ``top_k`` None or an int >= 1, ``top_p`` None or in (0, 1];
+    NumPy and 0-d torch numbers are taken too. Returns them as Python numbers."""
+    temperature = V.check_float("temperature (0 = greedy)", temperature, minimum=0.0)
+    if top_k is not None:
+        top_k = V.check_int("top_k", top_k, minimum=1)
+    if top_p is not None:
+        top_p = V.check_float("top_p", top_p, minimum=0.0, inclusive=False)
+        if top_p > 1:
+            raise ValueError(f"top_p must be None or a number in (0, 1], but got {top_p!r}")
+    return temperature, top_k, top_p
+
+
+class GenerateArgs(NamedTuple):
+    max_new_tokens: int
+    temperature: float
+    top_k: Optional[int]
+    top_p: Optional[float]
+    stop_token: Optional[int]
+    pad_token: Optional[int]
+
+
+def check_generate_args(vocab_size: int, max_new_tokens, temperature, top_k, top_p, stop_token,
+                        pad_token) -> GenerateArgs:
+    """Every sampling argument of ``generate``, checked before any work; token ids in ``[0, vocab_size)``."""
+    max_new_tokens = V.check_int("max_new_tokens", max_new_tokens, minimum=0)
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    tokens = []
+    for name, tok in (("stop_token", stop_token), ("pad_token", pad_token)):
+        if tok is not None:
+            tok = V.check_int(name, tok, minimum=0)
+            if tok >= vocab_size:
+                raise ValueError(f"{name} must be None or a token id in [0, vocab_size={vocab_size}), but got {tok}")
+        tokens.append(tok)
+    return GenerateArgs(max_new_tokens, temperature, top_k, top_p, *tokens)
 
 
 def sample_next_token(
@@ -29,7 +60,7 @@ def sample_next_token(
 ) -> torch.Tensor:
     """logits ``(b, vocab)`` -> token ids ``(b,)``. ``temperature=0`` is greedy (top-k/top-p then ignored
     by definition: the argmax is inside every top-k/top-p set)."""
-    check_sampling(temperature, top_k, top_p)
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
@@ -65,7 +96,7 @@ def decode_loop(
     ``next_logits(tokens (b, 1)) -> (b, vocab)`` advances the model's cache. A sequence that emits
     ``stop_token`` is finished: later positions get ``pad_token`` (default: ``stop_token``); the loop ends
     when every sequence is finished, so the result may be shorter than ``n + max_new_tokens``."""
-    check_sampling(temperature, top_k, top_p)
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     pad = stop_token if pad_token is None else pad_token
     finished = torch.zeros(prefix.shape[0], dtype=torch.bool, device=prefix.device)
     tokens = [prefix]

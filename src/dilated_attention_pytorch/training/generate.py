@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ..models import LongNetLM, LongNetLMConfig
+from .checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["load_model", "main"]
 
@@ -21,9 +22,12 @@ def load_model(path: str, device: Optional[str] = None) -> LongNetLM:
         raise ValueError(
             f"checkpoint {path!r} does not exist; train one with `python -m dilated_attention_pytorch train`"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = LongNetLM(LongNetLMConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint(path, required=("config", "model"))
+    try:
+        model = LongNetLM(LongNetLMConfig.from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path!r} does not hold a valid LongNetLM: {err}") from err
     return model.to(device or "cpu").eval()
 
 

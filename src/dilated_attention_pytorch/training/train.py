@@ -1,7 +1,8 @@
 """``python -m dilated_attention_pytorch train``: a byte-level LongNetLM on the Python standard library's sources.
 
 The default run takes a few minutes on a 2-core CPU. Writes to ``--out``: ``checkpoint.pt`` (model,
-optimizer, RNG states, data position, loss history; ``--resume`` continues it exactly), ``loss.png``
+optimizer, RNG states, data position, loss history, with a format marker and a SHA-256 checked on
+load, see :mod:`.checkpoint`; ``--resume`` continues it exactly), ``loss.png``
 and ``metrics.json`` (validation bits-per-byte, time, a generated sample). Scale up on a GPU with e.g.
 ``--device cuda --dtype bfloat16 --context 8192 --segments 1024 2048 4096 8192 --dilations 1 2 4 8
 --embed-dim 512 --layers 8 --heads 8 --batch-size 8 --steps 3000``.
@@ -20,20 +21,26 @@ import torch
 import torch.nn.functional as F
 
 from ..models import LongNetLM, LongNetLMConfig
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import Corpus, load_corpus
 
 __all__ = ["build_parser", "evaluate", "main", "run"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_RESUMABLE_OVERRIDES = ("steps", "stop_after", "progress", "out", "resume")
+# On --resume the checkpoint's settings win, except these, which the command line gives: how far to go,
+# and every file path (a checkpoint never points the run at a file: "out" and "corpus" are paths).
+_RESUMABLE_OVERRIDES = ("steps", "stop_after", "progress", "resume")
+_PATH_ARGS = ("out", "corpus")
+_CHECKPOINT_KEYS = ("model", "optimizer", "config", "args", "step", "rng", "history", "corpus_sha256", "elapsed_s")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dilated_attention_pytorch train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/longnet-lm", help="folder for checkpoint.pt, loss.png, metrics.json")
-    p.add_argument("--resume", action="store_true", help="continue --out/checkpoint.pt (its settings win; with the same --steps the losses "
-                   "equal an uninterrupted run's)")
+    p.add_argument("--resume", action="store_true", help="continue --out/checkpoint.pt (its settings win, except "
+                   "--steps, --stop-after, --no-progress and the paths --out and --corpus, which come from the command "
+                   "line; with the same --steps the losses equal an uninterrupted run's)")
     p.add_argument("--corpus", default=None, help="a file or folder of text (default: the Python stdlib sources)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--stop-after", type=int, default=None, help="stop (and save) after this step, e.g. to resume")
@@ -136,12 +143,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device, data_gen: torch.
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _save(path: str, payload: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def plot_losses(history: dict[str, list], path: str) -> None:
     """Training and held-out bits-per-byte against step, as a PNG (matplotlib, no global state)."""
     try:
@@ -175,6 +176,18 @@ def sample_text(model: LongNetLM, prompt: str, n_bytes: int, *, seed: int, tempe
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 
+def _resumed_args(saved: Any, given: argparse.Namespace, path: str) -> argparse.Namespace:
+    """The checkpoint's settings, with the command line's ``_RESUMABLE_OVERRIDES`` and file paths."""
+    expected = set(vars(build_parser().parse_args([])))
+    if not isinstance(saved, dict) or set(saved) != expected:
+        keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(f"checkpoint {path!r} holds args {keys}, not the settings of this train command")
+    merged = dict(saved)
+    for name in _RESUMABLE_OVERRIDES + _PATH_ARGS:
+        merged[name] = getattr(given, name)
+    return argparse.Namespace(**merged)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or resume) as ``args`` say; returns the summary also written to ``metrics.json``."""
     _check_args(args)
@@ -184,16 +197,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = dict(ckpt["args"])
-        for name in _RESUMABLE_OVERRIDES:
-            saved[name] = getattr(args, name)
-        args = argparse.Namespace(**saved)
+        ckpt = load_checkpoint(ckpt_path, required=_CHECKPOINT_KEYS)
+        args = _resumed_args(ckpt["args"], args, ckpt_path)
         _check_args(args)
     device = _device(args.device)
     corpus = load_corpus(args.corpus, min_bytes=args.context + 2)
     if ckpt is not None and ckpt["corpus_sha256"] != corpus.sha256:
-        raise ValueError("--resume: the corpus differs from the one the checkpoint was trained on (sha256 mismatch)")
+        raise ValueError(
+            f"--resume: the corpus ({corpus.description}) differs from the one checkpoint {ckpt_path!r} was "
+            "trained on (sha256 mismatch); pass the original run's --corpus"
+        )
 
     torch.manual_seed(args.seed)
     config = LongNetLMConfig(
@@ -207,15 +220,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     history: dict[str, list] = {"train": [], "val": []}
     start, elapsed = 0, 0.0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], device, data_gen)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {ckpt_path!r} does not fit the model it describes: {err}") from err
+        try:
+            _set_rng_state(ckpt["rng"], device, data_gen)
+        except (RuntimeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {ckpt_path!r} holds unusable RNG states: {err!r}") from err
         history, start, elapsed = ckpt["history"], ckpt["step"], ckpt["elapsed_s"]
     step_fn = torch.compile(model) if args.compile else model
     stop = args.steps if args.stop_after is None else args.stop_after
 
     def checkpoint(step: int) -> None:
-        _save(ckpt_path, {
+        save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
             "args": vars(args), "step": step, "rng": _rng_state(device, data_gen), "history": history,
             "corpus_sha256": corpus.sha256, "elapsed_s": elapsed,
