@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from .patterns import OFFSET_RULES, head_groups_of
-
-BACKENDS = ("auto", "fused", "portable", "reference")
-
 
 def _scalar(value: Any) -> Any:
     """A 0-d tensor's Python number (``torch.tensor(3)`` -> 3); anything else unchanged."""
@@ -130,10 +127,11 @@ def check_offsets(offsets: Any, dilation_rates: Sequence[int], num_heads: Option
     return tuple(rows)
 
 
-def check_backend(backend: Any) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, but got {backend!r}")
-    return backend
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """One of ``choices`` (e.g. a backend name)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, but got {value!r}")
+    return value
 
 
 def check_qkv(query: Any, key: Any, value: Any) -> None:
@@ -183,34 +181,3 @@ def check_key_padding_mask(mask: Any, query: torch.Tensor) -> Optional[torch.Ten
     if mask.device != query.device:
         raise ValueError(f"key_padding_mask must be on the device of query ({query.device}), but got {mask.device}")
     return mask
-
-
-class AttentionArgs(NamedTuple):
-    """The checked, normalised arguments of a dilated-attention call."""
-
-    segment_lengths: tuple[int, ...]
-    dilation_rates: tuple[int, ...]
-    is_causal: bool
-    scale: Optional[float]
-    dropout_p: float
-    offsets: Any
-    head_groups: bool
-    key_padding_mask: Optional[torch.Tensor]
-    return_lse: bool
-    backend: str
-
-
-def check_attention_args(
-    query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets, head_groups,
-    key_padding_mask, return_lse, backend,
-) -> AttentionArgs:
-    """Every argument of ``dilated_attention`` (and of its sequence-parallel forms), checked once."""
-    check_qkv(query, key, value)
-    segment_lengths, dilation_rates = check_patterns(segment_lengths, dilation_rates)
-    head_groups = check_bool("head_groups", head_groups)
-    return AttentionArgs(
-        segment_lengths, dilation_rates, check_bool("is_causal", is_causal), check_scale("scale", scale),
-        check_dropout("dropout_p", dropout_p), check_offsets(offsets, dilation_rates, query.shape[2], head_groups),
-        head_groups, check_key_padding_mask(key_padding_mask, query), check_bool("return_lse", return_lse),
-        check_backend(backend),
-    )

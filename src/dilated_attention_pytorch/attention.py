@@ -83,6 +83,7 @@ class BaseDilatedAttention(nn.Module):
 
 
 class DilatedAttention(BaseDilatedAttention):
-    """LongNet dilated attention (SPEC §1) on the portable path (PyTorch's fused kernels per block)."""
+    """LongNet dilated attention (README, "What it computes") on the portable path (PyTorch's fused kernels
+    per block)."""
 
     default_backend = "portable"

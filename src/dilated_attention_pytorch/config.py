@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from . import _validation as V
+from .backends import BACKENDS
 
 __all__ = ["DilatedAttentionConfig"]
 
@@ -34,7 +35,7 @@ class DilatedAttentionConfig:
         object.__setattr__(self, "dropout", V.check_dropout("dropout", self.dropout))
         object.__setattr__(self, "head_groups", V.check_bool("head_groups", self.head_groups))
         object.__setattr__(self, "offsets", V.check_offsets(self.offsets, rs, None, self.head_groups))
-        object.__setattr__(self, "backend", V.check_backend(self.backend))
+        object.__setattr__(self, "backend", V.check_choice("backend", self.backend, BACKENDS))
 
     @property
     def num_patterns(self) -> int:

@@ -1,20 +1,28 @@
 """``create_dilated_attention`` / ``create_multihead_dilated_attention``: build any attention family by name.
 
-Classes are imported lazily from a registry, so a family whose module is missing (or whose optional
-dependency is not installed) fails only when asked for, with an error that says which. ``"auto"`` picks
-a single-device family from the environment and :func:`explain_auto` says why: sequence parallelism
-(``"ring"``, ``"distributed"``) is used only when asked for, by name or by passing ``process_group=``.
+``"auto"`` picks a single-device family from the environment and :func:`explain_auto` says why: sequence
+parallelism (``"ring"``, ``"distributed"``) is used only when asked for, by name or by passing
+``process_group=``.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+
+from . import _validation as V
+from .attention import BaseDilatedAttention, DilatedAttention
+from .backends import FUSED, backend_table
+from .block_sparse.modules import BlockSparseRingDilatedAttention, BlockSparseRingMultiheadDilatedAttention
+from .kernels import BlockInputs
+from .improved import ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention
+from .multihead import BaseMultiheadDilatedAttention, MultiheadDilatedAttention
+from .parallel.block_sparse import BlockSparseRingDistributedDilatedAttention
+from .parallel.head_parallel import DistributedImprovedDilatedAttention, DistributedImprovedMultiheadDilatedAttention
+from .parallel.ring import RingDilatedAttention, RingMultiheadDilatedAttention
 
 __all__ = [
     "ATTENTION_TYPES",
@@ -27,68 +35,34 @@ __all__ = [
     "route_status",
 ]
 
-
-@dataclass(frozen=True)
-class _Route:
-    module: str
-    attention: str
-    multihead: str
-    needs: str  # what the family is for, shown by `info`
-
-
-_PKG = "dilated_attention_pytorch"
-_REGISTRY: dict[str, _Route] = {
-    "standard": _Route(f"{_PKG}.attention", "DilatedAttention", "MultiheadDilatedAttention", "any device"),
-    "improved": _Route(f"{_PKG}.improved", "ImprovedDilatedAttention", "ImprovedMultiheadDilatedAttention",
-                       "fastest single-device kernel"),
-    "ring": _Route(f"{_PKG}.parallel.ring", "RingDilatedAttention", "RingMultiheadDilatedAttention",
-                   "sequence shards over a process group"),
-    "distributed": _Route(f"{_PKG}.parallel.head_parallel", "DistributedImprovedDilatedAttention",
-                          "DistributedImprovedMultiheadDilatedAttention", "head-parallel multi-node training"),
-    "block_sparse": _Route(f"{_PKG}.block_sparse", "BlockSparseRingDilatedAttention",
-                           "BlockSparseRingMultiheadDilatedAttention", "block-sparse attention"),
+# attention type -> (core class, multihead class, what it is for)
+_REGISTRY: dict[str, tuple[type, type, str]] = {
+    "standard": (DilatedAttention, MultiheadDilatedAttention, "any device"),
+    "improved": (ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention, "fastest single-device kernel"),
+    "ring": (RingDilatedAttention, RingMultiheadDilatedAttention, "sequence shards over a process group"),
+    "distributed": (DistributedImprovedDilatedAttention, DistributedImprovedMultiheadDilatedAttention,
+                    "head-parallel multi-node training"),
+    "block_sparse": (BlockSparseRingDilatedAttention, BlockSparseRingMultiheadDilatedAttention,
+                     "block-sparse attention"),
 }
-# The multihead standard class lives in its own module.
-_MULTIHEAD_MODULE = {"standard": f"{_PKG}.multihead"}
 
 ATTENTION_TYPES = ("auto", *_REGISTRY)
 
 
 def _check_type(attention_type: Any) -> str:
-    if not isinstance(attention_type, str) or attention_type not in ATTENTION_TYPES:
-        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, but got {attention_type!r}")
-    return attention_type
-
-
-def _module_exists(name: str) -> bool:
-    """Whether ``name`` can be imported, without importing it."""
-    parent = name.rpartition(".")[0]
-    if parent and not _module_exists(parent):
-        return False
-    return importlib.util.find_spec(name) is not None
+    return V.check_choice("attention_type", attention_type, ATTENTION_TYPES)
 
 
 def attention_class(attention_type: str, *, multihead: bool = False) -> type:
-    """The class registered for a concrete ``attention_type`` (imports its module)."""
-    attention_type = _check_type(attention_type)
-    if attention_type == "auto":
+    """The class registered for a concrete ``attention_type``."""
+    if _check_type(attention_type) == "auto":
         raise ValueError("attention_class needs a concrete attention_type; resolve 'auto' with explain_auto()")
-    route = _REGISTRY[attention_type]
-    module_name = _MULTIHEAD_MODULE.get(attention_type, route.module) if multihead else route.module
-    if not _module_exists(module_name):
-        raise ImportError(
-            f"attention_type={attention_type!r} needs module {module_name}, which is not part of this installation"
-        )
-    return getattr(importlib.import_module(module_name), route.multihead if multihead else route.attention)
+    return _REGISTRY[attention_type][1 if multihead else 0]
 
 
 def route_status() -> dict[str, tuple[bool, str]]:
-    """For each named type: (module present, what it is for or why it is missing). Imports nothing heavy."""
-    status = {}
-    for name, route in _REGISTRY.items():
-        present = _module_exists(route.module)
-        status[name] = (present, route.needs if present else f"module {route.module} is not installed")
-    return status
+    """For each named type: (available, what it is for)."""
+    return {name: (True, needs) for name, (_, _, needs) in _REGISTRY.items()}
 
 
 # -- auto ------------------------------------------------------------------------------------------
@@ -98,9 +72,15 @@ class AutoChoice:
 
     attention_type: str
     reasons: tuple[str, ...]
+    inputs: Optional[BlockInputs] = None  # the single-device inputs it decided for
+
+    @property
+    def summary(self) -> str:
+        return f"auto -> {self.attention_type}: " + "; ".join(self.reasons)
 
     def __str__(self) -> str:
-        return f"auto -> {self.attention_type}: " + "; ".join(self.reasons)
+        """The choice and, for a single-device choice, the table of backends with their reasons."""
+        return self.summary if self.inputs is None else f"{self.summary}\n{backend_table(self.inputs)}"
 
 
 def _process_group_size() -> Optional[int]:
@@ -127,8 +107,6 @@ def explain_auto(
     ``"distributed"`` by name. ``device``, ``dtype``, ``head_dim`` describe the inputs when known (default:
     the current CUDA device if any; bfloat16; 64). ``single_device`` is kept for compatibility (``"auto"``
     is always single-device unless a ``process_group`` is passed)."""
-    from .kernels import FUSED_KERNELS, BlockInputs, kernel_reasons
-
     reasons = []
     if process_group is not None:
         import torch.distributed as dist
@@ -160,35 +138,29 @@ def explain_auto(
     else:
         reasons.append("no initialised process group" if world is None else "the process group has 1 rank")
     device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = BlockInputs(device_type, dtype or torch.bfloat16, head_dim or 64, False, False, False)
     if device_type != "cuda":
         reasons.append("no CUDA GPU" if device is None else f"inputs on {device_type}, not cuda")
         reasons.append("the portable path runs everywhere")
-        return AutoChoice("standard", tuple(reasons))
+        return AutoChoice("standard", tuple(reasons), inputs)
     if device is not None and not torch.cuda.is_available():
         reasons.append("device cuda requested but torch.cuda.is_available() is False")
-        return AutoChoice("standard", tuple(reasons))
-    inputs = BlockInputs("cuda", dtype or torch.bfloat16, head_dim or 64, False, False, False)
+        return AutoChoice("standard", tuple(reasons), inputs)
     assumed = [] if dtype is not None and head_dim is not None else [
         f"assuming dtype={inputs.dtype} and head_dim={inputs.head_dim} (pass dtype=/head_dim= to check others)"
     ]
-    fused = kernel_reasons(inputs, FUSED_KERNELS)
-    if all(fused.values()):
-        why = "; ".join(f"{name}: {', '.join(r)}" for name, r in fused.items())
-        reasons += assumed + [f"no fused CUDA kernel can run these inputs ({why})"]
-        return AutoChoice("standard", tuple(reasons))
-    improved = _REGISTRY["improved"].module
-    if not _module_exists(improved):
-        reasons += [f"module {improved} is not installed", "the portable path uses the fused kernel per block"]
-        return AutoChoice("standard", tuple(reasons))
-    usable = [name for name, r in fused.items() if not r]
-    reasons += assumed + [f"CUDA GPU with a fused kernel that supports the inputs ({', '.join(usable)})"]
-    return AutoChoice("improved", tuple(reasons))
+    fused = FUSED.not_supported_reasons(inputs)
+    if fused:
+        reasons += assumed + [f"the fused path cannot run these inputs ({'; '.join(fused)})"]
+        return AutoChoice("standard", tuple(reasons), inputs)
+    reasons += assumed + [f"CUDA GPU and the fused path ({FUSED.kernel.name} per block) supports the inputs"]
+    return AutoChoice("improved", tuple(reasons), inputs)
 
 
 # -- construction ----------------------------------------------------------------------------------
-def _accepted(cls: type) -> tuple[list[str], bool]:
-    """Constructor keyword names of ``cls``, following ``**kwargs`` up the MRO to the base that takes them.
-    Returns (names, whether arbitrary keywords are still accepted at the end of the chain)."""
+def _keywords(cls: type) -> list[str]:
+    """Keyword names ``cls`` accepts: those of its constructor, following ``**kwargs`` up the MRO, and for a
+    multihead class the extra ones of its core class (after ``embed_dim, num_heads``)."""
     names: list[str] = []
     for klass in cls.__mro__:
         if "__init__" not in vars(klass) or klass in (torch.nn.Module, object):
@@ -196,24 +168,30 @@ def _accepted(cls: type) -> tuple[list[str], bool]:
         params = list(inspect.signature(klass.__init__).parameters.values())[1:]  # drop self
         names += [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names]
         if not any(p.kind == p.VAR_KEYWORD for p in params):
-            return names, False
-    return names, True
+            break
+    if issubclass(cls, BaseMultiheadDilatedAttention):
+        shared = set(_keywords(BaseDilatedAttention)) | set(names)
+        names[2:2] = [n for n in _keywords(cls.attention_class) if n not in shared]
+    return names
 
 
-def _build(attention_type: str, multihead: bool, args: tuple, kwargs: dict) -> torch.nn.Module:
-    cls = attention_class(attention_type, multihead=multihead)
-    names, open_kwargs = _accepted(cls)
+def construct(cls: type, args: tuple, kwargs: dict, label: str = "") -> torch.nn.Module:
+    """``cls(*args, **kwargs)``; an unknown keyword or a missing argument raises ``TypeError`` listing the
+    accepted keywords."""
+    names, what = _keywords(cls), cls.__name__ + (f" ({label})" if label else "")
     unknown = sorted(set(kwargs) - set(names))
-    if unknown and not open_kwargs:
-        raise TypeError(
-            f"{cls.__name__} (attention_type={attention_type!r}) got unexpected keyword argument(s) {unknown}; "
-            f"accepted: {names}"
-        )
+    if unknown:
+        raise TypeError(f"{what} got unexpected keyword argument(s) {unknown}; accepted: {names}")
     try:
         inspect.signature(cls).bind(*args, **kwargs)
     except TypeError as err:
-        raise TypeError(f"{cls.__name__} (attention_type={attention_type!r}): {err}; accepted: {names}") from None
+        raise TypeError(f"{what}: {err}; accepted: {names}") from None
     return cls(*args, **kwargs)
+
+
+def _build(attention_type: str, multihead: bool, args: tuple, kwargs: dict) -> torch.nn.Module:
+    return construct(attention_class(attention_type, multihead=multihead), args, kwargs,
+                     f"attention_type={attention_type!r}")
 
 
 def _auto_hints(kwargs: dict, multihead: bool) -> dict:
@@ -264,12 +242,20 @@ def create_multihead_dilated_attention(attention_type: str = "auto", *args: Any,
     return _build(attention_type, True, args, kwargs)
 
 
-def create_block_sparse_attention(*args: Any, **kwargs: Any) -> torch.nn.Module:
-    """The block-sparse family's own factory (``multihead=``, ``distributed=``), imported lazily:
-    :func:`dilated_attention_pytorch.block_sparse.create_block_sparse_attention`."""
-    module = _REGISTRY["block_sparse"].module
-    if not _module_exists(module):
-        raise ImportError(
-            f"create_block_sparse_attention needs module {module}, which is not part of this installation"
-        )
-    return importlib.import_module(module).create_block_sparse_attention(*args, **kwargs)
+def create_block_sparse_attention(
+    *args: Any, multihead: bool = False, distributed: bool = False, **kwargs: Any
+) -> torch.nn.Module:
+    """:class:`BlockSparseRingDilatedAttention`, or with ``multihead=True``
+    :class:`BlockSparseRingMultiheadDilatedAttention`, or with ``distributed=True``
+    :class:`BlockSparseRingDistributedDilatedAttention` (sequence-sharded). Other arguments go to the
+    constructor; an unknown keyword raises TypeError listing the accepted ones."""
+    multihead = V.check_bool("multihead", multihead)
+    distributed = V.check_bool("distributed", distributed)
+    if multihead and distributed:
+        raise ValueError("multihead=True and distributed=True together are not available; choose one")
+    cls = (
+        BlockSparseRingMultiheadDilatedAttention if multihead
+        else BlockSparseRingDistributedDilatedAttention if distributed
+        else BlockSparseRingDilatedAttention
+    )
+    return construct(cls, args, kwargs)

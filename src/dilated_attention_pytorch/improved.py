@@ -34,10 +34,7 @@ class ImprovedDilatedAttention(BaseDilatedAttention):
 class ImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     """Multi-head dilated attention with one fused q/k/v projection (``qkv_proj``)."""
 
-    def _make_attention(self, *args, **kwargs) -> BaseDilatedAttention:
-        if kwargs.get("backend") is None:
-            kwargs["backend"] = "auto"
-        return ImprovedDilatedAttention(*args, **kwargs)
+    attention_class = ImprovedDilatedAttention
 
     def _make_projections(self, bias: bool, factory: dict) -> None:
         kv_dim = self.num_kv_heads * self.head_dim

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -45,15 +45,21 @@ class BaseMultiheadDilatedAttention(nn.Module):
     """Projections around a dilated-attention core, MAGNETO style (sub-LayerNorm before ``out_proj``).
 
     Input ``(b, n, embed_dim)``; ``forward`` returns ``(out, None)`` (weights are never materialised).
+    The core is ``attention``: a :class:`BaseDilatedAttention` module, or a class (or callable) that
+    builds one from ``segment_lengths, dilation_rates, softmax_scale, dropout`` and the keywords
+    ``offsets``, ``head_groups``, ``backend`` and any further keyword arguments; by default the
+    class's :attr:`attention_class`. A module brings its own settings: pass none of those with it.
     """
+
+    attention_class: Callable[..., BaseDilatedAttention] = DilatedAttention
 
     def __init__(
         self,
         embed_dim: int,
         num_heads: int,
         *,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
+        segment_lengths: Optional[Sequence[int]] = None,
+        dilation_rates: Optional[Sequence[int]] = None,
         dropout: float = 0.0,
         bias: bool = True,
         layer_norm: bool = True,
@@ -66,6 +72,8 @@ class BaseMultiheadDilatedAttention(nn.Module):
         backend: Optional[str] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        attention: Union[BaseDilatedAttention, Callable[..., BaseDilatedAttention], None] = None,
+        **attention_kwargs: Any,
     ) -> None:
         super().__init__()
         embed_dim = V.check_int("embed_dim", embed_dim)
@@ -79,11 +87,25 @@ class BaseMultiheadDilatedAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.gamma_init = V.check_float("gamma_init", gamma_init, minimum=0.0)
         layer_norm_eps = V.check_float("layer_norm_eps", layer_norm_eps, minimum=0.0, inclusive=False)
-        self.attention = self._make_attention(
-            segment_lengths, dilation_rates, softmax_scale, dropout, offsets=offsets, head_groups=head_groups,
-            backend=backend,
-        )
-        V.check_offsets(self.attention.config.offsets, self.attention.config.dilation_rates, num_heads, head_groups)
+        if isinstance(attention, nn.Module):
+            if segment_lengths is not None or dilation_rates is not None or attention_kwargs:
+                raise TypeError("attention= is a module with its own settings: pass no segment_lengths, "
+                                "dilation_rates or core keyword arguments with it")
+        else:
+            if segment_lengths is None or dilation_rates is None:
+                raise TypeError("segment_lengths and dilation_rates are required (or attention= a module)")
+            attention = (attention or self.attention_class)(
+                segment_lengths, dilation_rates, softmax_scale, dropout, offsets=offsets, head_groups=head_groups,
+                backend=backend, **attention_kwargs,
+            )
+        if not isinstance(attention, BaseDilatedAttention):
+            raise TypeError(
+                f"attention must be a BaseDilatedAttention (a core module with a config), but got "
+                f"{type(attention).__name__}"
+            )
+        self.attention = attention
+        c = attention.config
+        V.check_offsets(c.offsets, c.dilation_rates, num_heads, c.head_groups)
         V.check_bool("bias", bias)
         V.check_bool("layer_norm", layer_norm)
         factory = {"device": device, "dtype": dtype}
@@ -114,9 +136,6 @@ class BaseMultiheadDilatedAttention(nn.Module):
             )
 
     # -- what subclasses choose ------------------------------------------------------------------
-    def _make_attention(self, *args, **kwargs) -> BaseDilatedAttention:
-        return DilatedAttention(*args, **kwargs)
-
     def _make_projections(self, bias: bool, factory: dict) -> None:
         kv_dim = self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
@@ -168,4 +187,4 @@ class BaseMultiheadDilatedAttention(nn.Module):
 
 
 class MultiheadDilatedAttention(BaseMultiheadDilatedAttention):
-    """Multi-head dilated attention with separate q/k/v projections (SPEC §2)."""
+    """Multi-head dilated attention with separate q/k/v projections (README, "Modules")."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from .cache import METADATA_CACHE, CacheStats, LRUCache, layout_digest
 from .config import PATTERNS, SparsePatternConfig
-from .distributed import BlockSparseRingDistributedDilatedAttention
-from .factory import create_block_sparse_attention
 from .functional import block_sparse_attention, block_sparse_backend
 from .layouts import (
     adaptive_layout,
@@ -19,6 +17,8 @@ from .layouts import (
     strided_layout,
 )
 from .modules import BlockSparseRingDilatedAttention, BlockSparseRingMultiheadDilatedAttention
+from ..factory import create_block_sparse_attention
+from ..parallel.block_sparse import BlockSparseRingDistributedDilatedAttention  # sequence-sharded: under parallel/
 
 __all__ = [
     "METADATA_CACHE",

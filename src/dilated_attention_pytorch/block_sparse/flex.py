@@ -13,23 +13,25 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["default_kernel_options", "flex_reasons", "layout_block_mask", "flex_block_sparse_attention"]
+from ..capabilities import Backend, Support
+from ..kernels import BlockInputs
+
+__all__ = ["FLEX", "default_kernel_options", "flex_reasons", "layout_block_mask", "flex_block_sparse_attention"]
 
 FLEX_TILE = 128  # the layout's blocks must be whole multiples of FlexAttention's kernel tiles
 
 
+FLEX = Backend(
+    "flex", Support(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), max_head_dim=256,
+                    block_multiple=FLEX_TILE, key_mask=False, dropout=False),
+    "FlexAttention with a BlockMask built from the layout (compiled once; it has no CPU backward)",
+)
+
+
 def flex_reasons(query: torch.Tensor, block_size: int) -> list[str]:
     """Why the FlexAttention path cannot run these inputs (empty: it can)."""
-    reasons = []
-    if query.device.type != "cuda":
-        reasons.append(f"runs on cuda only (FlexAttention has no CPU backward), inputs are on {query.device.type}")
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"needs float16, bfloat16 or float32, inputs are {query.dtype}")
-    if block_size % FLEX_TILE != 0:
-        reasons.append(f"needs block_size a multiple of {FLEX_TILE} (its kernel tile), got {block_size}")
-    if query.shape[-1] > 256:
-        reasons.append(f"needs head_dim <= 256, got {query.shape[-1]}")
-    return reasons
+    return FLEX.not_supported_reasons(BlockInputs(query.device.type, query.dtype, query.shape[-1], False, False,
+                                                  False, block_size))
 
 
 def _flex_module() -> Any:

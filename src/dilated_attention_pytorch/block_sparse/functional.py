@@ -1,4 +1,5 @@
-"""``block_sparse_attention``: validate, choose a backend, run (SPEC §2).
+"""``block_sparse_attention``: check the arguments once (:func:`sparse_args`), then :func:`attend`: choose a
+backend and run it.
 
 Query ``t`` of head ``j`` sees key ``u`` iff ``layout[j, t // block_size, u // block_size]`` (and
 ``u <= t`` when causal), with ONE softmax over all the keys a row sees.
@@ -6,20 +7,28 @@ Query ``t`` of head ``j`` sees key ``u`` iff ``layout[j, t // block_size, u // b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from .. import _validation as V
+from ..capabilities import Backend, Support, first_supported
+from ..kernels import BlockInputs
 from .cache import METADATA_CACHE, layout_digest, tensor_bytes
-from .flex import flex_block_sparse_attention, flex_reasons, layout_block_mask
+from .flex import FLEX, flex_block_sparse_attention, layout_block_mask
 from .plan import BlockPlan, build_plan
 from .portable import portable_block_sparse_attention
-from .triton_path import layout_lists, triton_block_sparse_attention, triton_reasons
+from .triton_path import TRITON, layout_lists, triton_block_sparse_attention
 
-__all__ = ["BACKENDS", "block_sparse_attention", "block_sparse_backend", "check_layout", "plan_for_layout"]
+__all__ = ["BACKENDS", "SPARSE_BACKENDS", "SparseArgs", "attend", "block_sparse_attention", "block_sparse_backend",
+           "check_layout", "plan_for_layout", "sparse_args"]
 
-BACKENDS = ("auto", "portable", "flex", "triton")
+PORTABLE = Backend("portable", Support(key_mask=False, dropout=False),
+                   "batched block kernels over the active tiles, fp32 log-sum-exp merge")
+SPARSE_BACKENDS = (PORTABLE, FLEX, TRITON)
+BACKENDS = ("auto",) + tuple(b.name for b in SPARSE_BACKENDS)
+_BY_NAME = {b.name: b for b in SPARSE_BACKENDS}
 
 
 def check_layout(layout, num_heads: int, seq_len: int, block_size: int, device: torch.device) -> torch.Tensor:
@@ -68,28 +77,67 @@ def _triton_lists(layout: torch.Tensor, seq_len: int, block_size: int, is_causal
     )
 
 
-_REASONS = {"flex": flex_reasons, "triton": triton_reasons}
+def _priority(query: torch.Tensor, backend: str) -> tuple[Backend, ...]:
+    """``"auto"``: on a GPU our Triton kernels, then FlexAttention, on Hopper and later; FlexAttention first
+    on older GPUs (on those our kernels lose their tensor-descriptor loads and have not been timed; see
+    BENCHMARKS.md); then ``"portable"``, the only choice off the GPU."""
+    if backend != "auto":
+        return (_BY_NAME[backend],)
+    if query.device.type != "cuda":
+        return (PORTABLE,)
+    hopper = torch.cuda.get_device_capability(query.device)[0] >= 9
+    return ((TRITON, FLEX) if hopper else (FLEX, TRITON)) + (PORTABLE,)
+
+
+def _choose(query: torch.Tensor, block_size: int, backend: str) -> str:
+    inputs = BlockInputs(query.device.type, query.dtype, query.shape[-1], False, False, False, block_size)
+    return first_supported(_priority(query, backend), inputs, f"backend={backend!r} cannot run these inputs")[0].name
 
 
 def block_sparse_backend(query: torch.Tensor, block_size: int, backend: str = "auto") -> str:
-    """The backend that runs these inputs. ``"auto"``: on a GPU our Triton kernels, else FlexAttention,
-    whichever has no reasons against it, on Hopper and later; FlexAttention first on older GPUs (on an
-    H200, forward+backward, ours is level with FlexAttention at 64K tokens and 6-8% faster at 256K,
-    BENCHMARKS.md; on older GPUs our kernels lose their tensor-descriptor loads and have not been
-    timed); else ``"portable"``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, but got {backend!r}")
-    if backend in _REASONS:
-        reasons = _REASONS[backend](query, block_size)
-        if reasons:
-            raise ValueError(f"backend={backend!r} cannot run these inputs: {'; '.join(reasons)}")
-        return backend
-    if backend == "auto" and query.device.type == "cuda":
-        hopper = torch.cuda.get_device_capability(query.device)[0] >= 9
-        for name in ("triton", "flex") if hopper else ("flex", "triton"):
-            if not _REASONS[name](query, block_size):
-                return name
-    return "portable"
+    """The backend that runs these inputs: the first of :func:`_priority` that supports them; a named
+    backend that cannot run them raises a ``ValueError`` with its reasons."""
+    return _choose(query, block_size, V.check_choice("backend", backend, BACKENDS))
+
+
+@dataclass(frozen=True)
+class SparseArgs:
+    """The checked settings of a block-sparse call (its tensors and layout go beside them)."""
+
+    block_size: int  # at most n: any block_size >= n is one block of n tokens
+    is_causal: bool
+    scale: float  # d ** -0.5 when not given
+    return_lse: bool
+    backend: str
+
+
+def sparse_args(query: torch.Tensor, layout, *, block_size, is_causal, scale, return_lse, backend) -> SparseArgs:
+    """The other arguments of a block-sparse call whose query, key and value are checked, checked once."""
+    block_size = V.check_int("block_size", block_size)
+    is_causal = V.check_bool("is_causal", is_causal)
+    return_lse = V.check_bool("return_lse", return_lse)
+    scale = V.check_scale("scale", scale)
+    b, n, h, d = query.shape
+    check_layout(layout, h, n, block_size, query.device)
+    # Any block_size >= n gives the one-block layout (1, 1): tiles of n tokens compute the same, and
+    # no work or memory grows with block_size beyond the sequence.
+    return SparseArgs(min(block_size, n), is_causal, d**-0.5 if scale is None else scale, return_lse,
+                      V.check_choice("backend", backend, BACKENDS))
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: torch.Tensor,
+           args: SparseArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention on checked arguments -> ``(out (b, n, h, d), lse (b, h, n))``."""
+    n, h = query.shape[1], query.shape[2]
+    bs, causal = args.block_size, args.is_causal
+    chosen = _choose(query, bs, args.backend)
+    if chosen == "triton":
+        return triton_block_sparse_attention(query, key, value, _triton_lists(layout, n, bs, causal), block_size=bs,
+                                             is_causal=causal, scale=args.scale)
+    if chosen == "flex":
+        return flex_block_sparse_attention(query, key, value, _flex_mask(layout, n, bs, causal), scale=args.scale)
+    plan = plan_for_layout(layout, h, n, bs, causal)
+    return portable_block_sparse_attention(query, key, value, plan, scale=args.scale, lse_needs_grad=args.return_lse)
 
 
 def block_sparse_attention(
@@ -128,28 +176,7 @@ def block_sparse_attention(
     ``copy_``): writes through ``.data``, DLPack or a NumPy view are not seen — pass a new tensor.
     """
     V.check_qkv(query, key, value)
-    block_size = V.check_int("block_size", block_size)
-    is_causal = V.check_bool("is_causal", is_causal)
-    return_lse = V.check_bool("return_lse", return_lse)
-    scale = V.check_scale("scale", scale)
-    b, n, h, d = query.shape
-    layout = check_layout(layout, h, n, block_size, query.device)
-    # Any block_size >= n gives the one-block layout (1, 1): tiles of n tokens compute the same, and
-    # no work or memory grows with block_size beyond the sequence.
-    block_size = min(block_size, n)
-    if scale is None:
-        scale = d**-0.5
-    chosen = block_sparse_backend(query, block_size, backend)
-    if chosen == "triton":
-        out, lse = triton_block_sparse_attention(
-            query, key, value, _triton_lists(layout, n, block_size, is_causal), block_size=block_size,
-            is_causal=is_causal, scale=scale,
-        )
-    elif chosen == "flex":
-        out, lse = flex_block_sparse_attention(
-            query, key, value, _flex_mask(layout, n, block_size, is_causal), scale=scale
-        )
-    else:
-        plan = plan_for_layout(layout, h, n, block_size, is_causal)
-        out, lse = portable_block_sparse_attention(query, key, value, plan, scale=scale, lse_needs_grad=return_lse)
-    return (out, lse) if return_lse else out
+    args = sparse_args(query, layout, block_size=block_size, is_causal=is_causal, scale=scale, return_lse=return_lse,
+                       backend=backend)
+    out, lse = attend(query, key, value, layout, args)
+    return (out, lse) if args.return_lse else out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 
@@ -11,7 +11,7 @@ from ..attention import BaseDilatedAttention
 from ..multihead import BaseMultiheadDilatedAttention
 from .cache import METADATA_CACHE, tensor_bytes
 from .config import SparsePatternConfig
-from .functional import BACKENDS, block_sparse_attention
+from .functional import BACKENDS, attend, sparse_args
 
 __all__ = ["BlockSparseRingDilatedAttention", "BlockSparseRingMultiheadDilatedAttention"]
 
@@ -21,43 +21,32 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
     LongNet's ``segment_lengths``/``dilation_rates`` at block granularity, see
     :func:`~.layouts.dilated_layout`).
 
-    Input ``query (b, n, h, d)``, ``key``/``value (b, n, h_kv, d)``; output ``(b, n, h, d)``. The name
-    is the seed system's; on one device there is no ring (see
-    :class:`~.distributed.BlockSparseRingDistributedDilatedAttention` for the sequence-sharded form).
+    Arguments of :class:`BaseDilatedAttention`, and ``sparse_config``, ``block_size`` and ``backend``
+    (the block-sparse backend: ``"auto"``, ``"portable"``, ``"flex"``, ``"triton"``). Input
+    ``query (b, n, h, d)``, ``key``/``value (b, n, h_kv, d)``; output ``(b, n, h, d)``. The name is the
+    seed system's; on one device there is no ring (see
+    :class:`~dilated_attention_pytorch.parallel.block_sparse.BlockSparseRingDistributedDilatedAttention`
+    for the sequence-sharded form).
     """
 
-    def __init__(
-        self,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        softmax_scale: Optional[float] = None,
-        attention_dropout: float = 0.0,
-        *,
-        offsets: Union[str, Sequence[Sequence[int]]] = "paper",
-        head_groups: bool = False,
-        sparse_config: Optional[SparsePatternConfig] = None,
-        block_size: int = 128,
-        backend: Optional[str] = None,
-    ) -> None:
-        super().__init__(segment_lengths, dilation_rates, softmax_scale, attention_dropout, offsets=offsets,
-                         head_groups=head_groups)
+    def __init__(self, *args: Any, sparse_config: Optional[SparsePatternConfig] = None, block_size: int = 128,
+                 backend: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         if self.config.dropout != 0.0:
             raise ValueError(
                 f"attention_dropout must be 0.0 for block-sparse attention (it has no dropout), but got "
                 f"{self.config.dropout}"
             )
         if sparse_config is None:
-            sparse_config = SparsePatternConfig("dilated", offsets=offsets, head_groups=head_groups)
+            sparse_config = SparsePatternConfig("dilated", offsets=self.config.offsets,
+                                                head_groups=self.config.head_groups)
         if not isinstance(sparse_config, SparsePatternConfig):
             raise TypeError(
                 f"sparse_config must be a SparsePatternConfig or None, but got {type(sparse_config).__name__}"
             )
-        backend = "auto" if backend is None else backend
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, but got {backend!r}")
         self.sparse_config = sparse_config
         self.block_size = V.check_int("block_size", block_size)
-        self.sparse_backend = backend
+        self.sparse_backend = V.check_choice("backend", "auto" if backend is None else backend, BACKENDS)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -106,10 +95,9 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
             )
         V.check_qkv(query, key, value)
         layout = self.layout(query.shape[1], query.shape[2], query.device, is_causal=is_causal, query=query, key=key)
-        return block_sparse_attention(
-            query, key, value, layout, block_size=self.block_size, is_causal=is_causal,
-            scale=self.config.softmax_scale, backend=self.sparse_backend,
-        )
+        args = sparse_args(query, layout, block_size=self.block_size, is_causal=is_causal,
+                           scale=self.config.softmax_scale, return_lse=False, backend=self.sparse_backend)
+        return attend(query, key, value, layout, args)[0]
 
 
 class BlockSparseRingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
@@ -117,19 +105,4 @@ class BlockSparseRingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     :class:`BlockSparseRingDilatedAttention`. Extra keyword arguments: ``sparse_config``,
     ``block_size``; ``backend`` is the block-sparse backend (``"auto"``, ``"portable"``, ``"flex"``, ``"triton"``)."""
 
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        *,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        sparse_config: Optional[SparsePatternConfig] = None,
-        block_size: int = 128,
-        **kwargs,
-    ) -> None:
-        object.__setattr__(self, "_sparse_kwargs", {"sparse_config": sparse_config, "block_size": block_size})
-        super().__init__(embed_dim, num_heads, segment_lengths=segment_lengths, dilation_rates=dilation_rates, **kwargs)
-
-    def _make_attention(self, *args, **kwargs) -> BlockSparseRingDilatedAttention:
-        return BlockSparseRingDilatedAttention(*args, **kwargs, **self._sparse_kwargs)
+    attention_class = BlockSparseRingDilatedAttention

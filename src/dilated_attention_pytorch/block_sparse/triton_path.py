@@ -18,29 +18,27 @@ from typing import Optional
 
 import torch
 
-__all__ = ["LOADS", "TileSettings", "TritonLists", "layout_lists", "start_phases", "tile_settings",
+from ..capabilities import Backend, Support
+from ..kernels import BlockInputs
+
+__all__ = ["LOADS", "TRITON", "TileSettings", "TritonLists", "layout_lists", "start_phases", "tile_settings",
            "triton_block_sparse_attention", "triton_reasons"]
 
 TRITON_TILE = 128  # the layout's blocks must be whole multiples of the kernels' largest tile
 
 
+TRITON = Backend(
+    "triton", Support(devices=("cuda",), triton_interpreter=True, dtypes=(torch.float16, torch.bfloat16),
+                      max_head_dim=256, block_multiple=TRITON_TILE, key_mask=False, dropout=False,
+                      packages=("triton",)),
+    "our block-sparse Triton kernels, no compile step",
+)
+
+
 def triton_reasons(query: torch.Tensor, block_size: int) -> list[str]:
     """Why the Triton path cannot run these inputs (empty: it can)."""
-    import importlib.util
-    import os
-
-    reasons = []
-    if importlib.util.find_spec("triton") is None:
-        reasons.append("needs the triton package (pip install triton)")
-    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        reasons.append(f"runs on cuda (or the CPU under TRITON_INTERPRET=1), inputs are on {query.device.type}")
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        reasons.append(f"needs float16 or bfloat16, inputs are {query.dtype}")
-    if block_size % TRITON_TILE != 0:
-        reasons.append(f"needs block_size a multiple of {TRITON_TILE} (its tile), got {block_size}")
-    if query.shape[-1] > 256:
-        reasons.append(f"needs head_dim <= 256, got {query.shape[-1]}")
-    return reasons
+    return TRITON.not_supported_reasons(BlockInputs(query.device.type, query.dtype, query.shape[-1], False, False,
+                                                    False, block_size))
 
 
 @dataclass(frozen=True)

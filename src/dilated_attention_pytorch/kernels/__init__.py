@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..capabilities import first_supported
 from .aten import CpuFlashKernel, CudaFlashKernel, CudnnKernel
 from .base import BlockInputs, BlockKernel, NoKernelError, acc_dtype
 from .math import MathKernel
@@ -24,7 +25,4 @@ def kernel_reasons(inputs: BlockInputs, kernels: tuple[BlockKernel, ...] = KERNE
 
 def choose_kernel(inputs: BlockInputs, kernels: tuple[BlockKernel, ...] = KERNELS) -> BlockKernel:
     """The first of ``kernels`` that supports ``inputs``; NoKernelError lists every kernel's reasons."""
-    for kernel in kernels:
-        if not kernel.not_supported_reasons(inputs):
-            return kernel
-    raise NoKernelError(f"no block kernel supports {inputs}: {kernel_reasons(inputs, kernels)}")
+    return first_supported(kernels, inputs, "no block kernel supports these inputs", NoKernelError)[0]

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import BlockInputs
+from ..capabilities import Declared, Support
 from .math import MathKernel
 
 _ONE_ROW = MathKernel()
@@ -22,36 +22,11 @@ def _additive_mask(key_valid, dtype) -> Any:
     return mask.masked_fill_(~key_valid, float("-inf"))[:, None, None, :]
 
 
-def _cuda_half_reasons(inputs: BlockInputs, max_head_dim: int) -> list[str]:
-    """What the CUDA fp16/bf16 kernels (FlashAttention-2, cuDNN) need."""
-    reasons = []
-    if inputs.device_type != "cuda":
-        reasons.append(f"runs on cuda only, inputs are on {inputs.device_type}")
-    if inputs.dtype not in (torch.float16, torch.bfloat16):
-        reasons.append(f"needs float16 or bfloat16, inputs are {inputs.dtype}")
-    if inputs.head_dim > max_head_dim or inputs.head_dim % 8 != 0:
-        reasons.append(f"needs head_dim a multiple of 8 and <= {max_head_dim}, got {inputs.head_dim}")
-    if inputs.has_key_mask:
-        reasons.append("does not support a key padding mask")
-    if inputs.needs_delta:
-        reasons.append("backward cannot take a gradient of the LSE")
-    return reasons
-
-
-class CpuFlashKernel:
+class CpuFlashKernel(Declared):
     """``aten::_scaled_dot_product_flash_attention_for_cpu``: any float dtype, key masks; no dropout."""
 
     name = "cpu_flash"
-
-    def not_supported_reasons(self, inputs: BlockInputs) -> list[str]:
-        reasons = []
-        if inputs.device_type != "cpu":
-            reasons.append(f"runs on cpu only, inputs are on {inputs.device_type}")
-        if inputs.dropout:
-            reasons.append("does not support dropout")
-        if inputs.needs_delta:
-            reasons.append("backward cannot take a gradient of the LSE")
-        return reasons
+    support = Support(devices=("cpu",), dropout=False, lse_grad=False)
 
     def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -66,13 +41,12 @@ class CpuFlashKernel:
         )
 
 
-class CudaFlashKernel:
+class CudaFlashKernel(Declared):
     """``aten::_scaled_dot_product_flash_attention`` (FlashAttention-2): fp16/bf16, dropout; no masks."""
 
     name = "cuda_flash"
-
-    def not_supported_reasons(self, inputs: BlockInputs) -> list[str]:
-        return _cuda_half_reasons(inputs, max_head_dim=256)
+    support = Support(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), max_head_dim=256, head_dim_multiple=8,
+                      key_mask=False, lse_grad=False)
 
     def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p):
         res = torch.ops.aten._scaled_dot_product_flash_attention(
@@ -99,19 +73,15 @@ def _cudnn_lse(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return lse.reshape(b, h, length) if lse.dim() != 3 else lse
 
 
-class CudnnKernel:
+class CudnnKernel(Declared):
     """``aten::_scaled_dot_product_cudnn_attention`` (cuDNN flash attention, FA3 class on Hopper).
 
     fp16/bf16, head_dim a multiple of 8 up to 128; no masks, no dropout.
     """
 
     name = "cudnn"
-
-    def not_supported_reasons(self, inputs: BlockInputs) -> list[str]:
-        reasons = _cuda_half_reasons(inputs, max_head_dim=128)
-        if inputs.dropout:
-            reasons.append("does not support dropout")
-        return reasons
+    support = Support(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), max_head_dim=128, head_dim_multiple=8,
+                      key_mask=False, dropout=False, lse_grad=False)
 
     def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p):
         if q.shape[2] == 1:  # cuDNN rejects s_q = s_kv = 1; such blocks are one dot product each

@@ -33,6 +33,7 @@ class BlockInputs:
     has_key_mask: bool
     dropout: bool
     needs_delta: bool  # backward must take an explicit delta (a gradient flows into the LSE)
+    block_size: Optional[int] = None  # block-sparse calls: tokens per layout block
 
 
 class NoKernelError(ValueError):

@@ -11,18 +11,17 @@ from typing import Any, Optional
 
 import torch
 
-from .base import BlockInputs, acc_dtype
+from ..capabilities import Declared, Support
+from .base import acc_dtype
 
 __all__ = ["MathKernel"]
 
 _CHUNK_ELEMENTS = 1 << 24  # scores held at once: B*H*chunk*L
 
 
-class MathKernel:
+class MathKernel(Declared):
     name = "math"
-
-    def not_supported_reasons(self, inputs: BlockInputs) -> list[str]:
-        return []
+    support = Support()  # any device and dtype, key masks, dropout, an explicit delta
 
     @staticmethod
     def _chunk(q: torch.Tensor) -> int:

@@ -9,6 +9,7 @@ both feed-forward matrices are initialised with gain ``γ``, which depends on th
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -17,14 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validation as V
-from ..attention import BaseDilatedAttention
+from ..factory import create_dilated_attention, explain_auto
 from ..multihead import BaseMultiheadDilatedAttention
 from .decoding import DilatedKVCache
 from .positions import RotaryEmbedding
 
 __all__ = ["CrossAttention", "DilatedSelfAttention", "FeedForward", "LongNetBlock", "magneto_gamma"]
 
-DECODABLE_TYPES = ("standard", "improved")  # the attention types whose full pass is exactly SPEC §1
+DECODABLE_TYPES = ("standard", "improved")  # the attention types whose full pass is dilated_attention itself
 
 
 def magneto_gamma(role: str, *, encoder_layers: int = 0, decoder_layers: int = 0) -> float:
@@ -48,35 +49,16 @@ class DilatedSelfAttention(BaseMultiheadDilatedAttention):
     single-device implementation with the standard constructor.
     """
 
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        *,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        positions: Optional[str] = "rotary",
-        attention_type: str = "standard",
-        **kwargs,
-    ) -> None:
-        object.__setattr__(self, "_attention_type", attention_type)
-        super().__init__(embed_dim, num_heads, segment_lengths=segment_lengths, dilation_rates=dilation_rates, **kwargs)
-        self.rotary = None if positions is None else RotaryEmbedding(self.head_dim, kind=positions)
-
-    def _make_attention(self, *args, **kwargs) -> BaseDilatedAttention:
-        from ..factory import create_dilated_attention, explain_auto
-
-        kind = self._attention_type
+    def __init__(self, embed_dim: int, num_heads: int, *, positions: Optional[str] = "rotary",
+                 attention_type: str = "standard", **kwargs) -> None:
+        """Arguments of :class:`BaseMultiheadDilatedAttention`; the core is built by
+        :func:`~dilated_attention_pytorch.factory.create_dilated_attention` for ``attention_type``."""
+        kind = attention_type
         if kind == "auto":  # whole sequences: never a sequence-parallel type
             kind = explain_auto(single_device=True).attention_type
-        object.__setattr__(self, "attention_type", kind)
-        attention = create_dilated_attention(kind, *args, **kwargs)
-        if not isinstance(attention, BaseDilatedAttention):
-            raise TypeError(
-                f"attention_type={self._attention_type!r} built {type(attention).__name__}, which is not a "
-                "BaseDilatedAttention; LongNet layers need a single-device module with a config"
-            )
-        return attention
+        super().__init__(embed_dim, num_heads, attention=functools.partial(create_dilated_attention, kind), **kwargs)
+        self.attention_type = kind
+        self.rotary = None if positions is None else RotaryEmbedding(self.head_dim, kind=positions)
 
     def new_cache(self, batch_size: int, device=None, dtype=torch.float32) -> DilatedKVCache:
         if self.attention_type not in DECODABLE_TYPES:

@@ -12,16 +12,18 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "Agreed",
     "CommStats",
     "DEFAULT_CHECK_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
     "STRATEGIES",
+    "agree_call",
     "agree_or_raise",
     "call_settings",
     "check_timeout",
@@ -302,3 +304,58 @@ def agree_or_raise(
         f"{what}: every rank must pass the same shapes and settings, but "
         + ("; ".join(differ) or "their settings differ")
     )
+
+
+# -- the preamble of every sequence-parallel call ----------------------------------------------------
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Agreed(Generic[T]):
+    """A sequence-parallel call that every rank agreed on: its process group, this rank, the bound on
+    every wait, and the call's checked arguments."""
+
+    group: Any
+    rank: int
+    world: int
+    timeout_s: float
+    args: T
+
+
+def agree_call(
+    what: str,
+    strategy: str,
+    process_group: Any,
+    query: Any,
+    key: Any,
+    check: Callable[[int], T],
+    settings: Callable[[T], dict[str, Any]],
+    timeout_s: Any,
+    check_timeout_s: Any = None,
+    stats: Any = None,
+    stacklevel: int = 4,
+) -> Agreed[T]:
+    """Resolve the process group, check this rank's call, and agree on it with every rank.
+
+    ``check(world)`` checks the call's arguments and returns them (it raises ``TypeError`` or
+    ``ValueError``); ``settings(args)`` are the values every rank must share, beside the shard's
+    shapes and dtype. An invalid call, timeout or ``stats`` on any rank raises on every rank (the
+    error is carried in the agreement, never raised before it), so a bad input gives a clear error
+    instead of a hang; see :func:`agree_or_raise`. ``stacklevel``: that of the user's call, seen from
+    the deprecation warning of ``check_timeout_s``."""
+    group, rank, world = resolve_group(process_group, what)
+    local_error: Optional[BaseException] = None
+    try:
+        timeout_s = resolve_timeout(timeout_s, check_timeout_s, stacklevel)
+    except (TypeError, ValueError) as err:
+        local_error, timeout_s = err, DEFAULT_TIMEOUT_S
+    args = None
+    try:
+        if stats is not None and not isinstance(stats, CommStats):
+            raise TypeError(f"stats must be a CommStats or None, but got {type(stats).__name__}")
+        args = check(world)
+    except (TypeError, ValueError) as err:  # reported to every rank below, then raised here
+        local_error = local_error or err
+    agreed = call_settings(query, key, **({} if args is None else settings(args)))
+    agree_or_raise(what, strategy, agreed, local_error, group, collective_device(group, query), timeout_s)
+    return Agreed(group, rank, world, timeout_s, args)

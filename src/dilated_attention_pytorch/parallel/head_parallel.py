@@ -14,20 +14,17 @@ before the all-to-all (exact, more bytes). Offsets and head groups are those of 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-from .. import _validation as V
-from ..attention import BaseDilatedAttention
-from ..functional import dilated_attention
+from ..backends import choose_backend
+from ..functional import AttentionArgs, attend, attention_args
 from ..improved import ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention
 from ..patterns import OffsetRule, head_groups_of, head_offsets
-from .comm import (
-    DEFAULT_TIMEOUT_S, CommStats, agree_or_raise, call_settings, check_timeout, collective_device, resolve_group,
-    post, resolve_timeout, wait_transfers,
-)
+from .comm import DEFAULT_TIMEOUT_S, CommStats, agree_call, check_timeout, post, wait_transfers
 
 __all__ = [
     "DistributedImprovedDilatedAttention",
@@ -104,31 +101,29 @@ def _count(stats: Optional[CommStats], x: torch.Tensor, world: int, forward: boo
     stats.messages_sent += world - 1
 
 
-def _head_runs(
-    h: int, world: int, rank: int, segment_lengths, dilation_rates, offsets, head_groups: bool
-) -> list[tuple[range, tuple[int, ...], tuple[int, ...], list[list[int]]]]:
-    """This rank's heads as runs that one single-device call serves:
-    (global heads, segment_lengths, dilation_rates, explicit offsets[i][j'] for the run's heads)."""
+def _head_runs(h: int, world: int, rank: int, args: AttentionArgs) -> list[tuple[range, AttentionArgs]]:
+    """This rank's heads as runs that one single-device call serves: (global heads, the call's settings
+    for them: their patterns, with explicit offsets[i][j'] for the run's heads)."""
     local = range(rank * (h // world), (rank + 1) * (h // world))
-    users = head_groups_of(h, len(segment_lengths), head_groups)
-    per_pattern = [dict(zip(users[i], head_offsets(offsets, i, r, users[i]))) for i, r in enumerate(dilation_rates)]
-    if not head_groups:  # every head uses every pattern
-        return [(local, tuple(segment_lengths), tuple(dilation_rates),
-                 [[per_pattern[i][j] for j in local] for i in range(len(segment_lengths))])]
+    users = head_groups_of(h, len(args.segment_lengths), args.head_groups)
+    per_pattern = [dict(zip(users[i], head_offsets(args.offsets, i, r, users[i])))
+                   for i, r in enumerate(args.dilation_rates)]
+
+    def run(heads: range, patterns: Sequence[int]) -> tuple[range, AttentionArgs]:
+        return heads, dataclasses.replace(
+            args, segment_lengths=tuple(args.segment_lengths[i] for i in patterns), head_groups=False,
+            dilation_rates=tuple(args.dilation_rates[i] for i in patterns),
+            offsets=tuple(tuple(per_pattern[i][j] for j in heads) for i in patterns),
+        )
+
+    if not args.head_groups:  # every head uses every pattern
+        return [run(local, range(len(args.segment_lengths)))]
     runs = []  # head groups: each head uses exactly one pattern
-    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+    for i in range(len(args.segment_lengths)):
         heads = range(max(users[i].start, local.start), min(users[i].stop, local.stop))
         if len(heads):
-            runs.append((heads, (w,), (r,), [[per_pattern[i][j] for j in heads]]))
+            runs.append(run(heads, [i]))
     return runs
-
-
-def _validate(query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets,
-              head_groups, key_padding_mask, return_lse):
-    a = V.check_attention_args(query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p,
-                               offsets, head_groups, key_padding_mask, return_lse, "auto")
-    return (a.segment_lengths, a.dilation_rates, a.is_causal, a.scale, a.dropout_p, a.offsets, a.head_groups,
-            a.key_padding_mask)
 
 
 def head_parallel_dilated_attention(
@@ -160,33 +155,24 @@ def head_parallel_dilated_attention(
     needs ``h % world == 0``. Dropout is supported (each rank draws its own heads' masks). ``backend`` is
     that of the single-device call on each rank's heads (default ``"auto"``: the fastest that applies).
     """
-    group, rank, world = resolve_group(process_group, _WHAT)
-    local_error: Optional[BaseException] = None
-    try:
-        timeout_s = resolve_timeout(timeout_s, check_timeout_s)
-    except (TypeError, ValueError) as err:
-        local_error, timeout_s = err, DEFAULT_TIMEOUT_S
-    try:
-        if stats is not None and not isinstance(stats, CommStats):
-            raise TypeError(f"stats must be a CommStats or None, but got {type(stats).__name__}")
-        (segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets, head_groups,
-         key_padding_mask) = _validate(query, key, value, segment_lengths, dilation_rates, is_causal, scale,
-                                       dropout_p, offsets, head_groups, key_padding_mask, return_lse)
-        V.check_backend(backend)
+    def check(world: int) -> AttentionArgs:
+        args = attention_args(
+            query, key, value, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+            offsets=offsets, head_groups=head_groups, key_padding_mask=key_padding_mask, return_lse=return_lse,
+            backend=backend,
+        )
         if query.shape[2] % world != 0:
             raise ValueError(
                 f"head-parallel attention needs the number of query heads to be a multiple of the world size, "
                 f"but got heads={query.shape[2]} on world={world}; use ring_dilated_attention (RingDilatedAttention) "
                 "or a process group whose size divides the heads"
             )
-    except (TypeError, ValueError) as err:  # reported to every rank below, then raised here
-        local_error = local_error or err
-    settings = call_settings(
-        query, key, is_causal=is_causal, scale=scale, dropout_p=dropout_p, segment_lengths=segment_lengths,
-        dilation_rates=dilation_rates, offsets=offsets, head_groups=head_groups,
-        key_padding_mask=key_padding_mask is not None, return_lse=return_lse, backend=backend,
-    )
-    agree_or_raise(_WHAT, "head_parallel", settings, local_error, group, collective_device(group, query), timeout_s)
+        return args
+
+    call = agree_call(_WHAT, "head_parallel", process_group, query, key, check,
+                      lambda a: {**vars(a), "key_padding_mask": key_padding_mask is not None}, timeout_s,
+                      check_timeout_s, stats)
+    args, group, rank, world, timeout_s = call.args, call.group, call.rank, call.world, call.timeout_s
     if stats is not None:
         stats.calls += 1
     b, n_local, h, d = query.shape
@@ -208,8 +194,10 @@ def head_parallel_dilated_attention(
         mask = torch.cat(parts, 1).bool()  # (b, n)
     qpk = h // h_kv
     hp, kvp = h // world, h_kv // world
+    # one choice of backend for every run (they share device, dtype, head_dim, mask and dropout)
+    choice = choose_backend(args.backend, query, mask, args.dropout_p, args.return_lse and torch.is_grad_enabled())
     outs, lses = [], []
-    for heads, segs, dils, offs in _head_runs(h, world, rank, segment_lengths, dilation_rates, offsets, head_groups):
+    for heads, run in _head_runs(h, world, rank, args):
         q_r = q_h[:, :, heads.start - rank * hp : heads.stop - rank * hp]
         kv_idx = [j // qpk - rank * kvp for j in heads]
         if heads.start % qpk == 0 and len(heads) % qpk == 0:  # whole key/value groups: keep GQA
@@ -218,16 +206,12 @@ def head_parallel_dilated_attention(
         else:  # a run that cuts a key/value group: one key/value head per query head
             idx = torch.tensor(kv_idx, device=query.device)
             k_r, v_r = k_h.index_select(2, idx), v_h.index_select(2, idx)
-        res = dilated_attention(
-            q_r, k_r, v_r, segs, dils, is_causal=is_causal, scale=scale, dropout_p=dropout_p, offsets=offs,
-            head_groups=False, key_padding_mask=mask, return_lse=return_lse, backend=backend,
-        )
-        out_r, lse_r = res if return_lse else (res, None)
+        out_r, lse_r = attend(q_r, k_r, v_r, mask, run, choice)
         outs.append(out_r)
         lses.append(lse_r)
     out_h = torch.cat(outs, 2) if len(outs) > 1 else outs[0]  # (b, n, h/P, d)
     out = _HeadsToSeq.apply(out_h, group, world, stats, timeout_s, "output heads")  # (b, n_local, h, d)
-    if not return_lse:
+    if not args.return_lse:
         return out
     lse_h = torch.cat(lses, 1) if len(lses) > 1 else lses[0]  # (b, h/P, n)
     lse = _HeadsToSeq.apply(lse_h.transpose(1, 2).unsqueeze(-1).contiguous(), group, world, None, timeout_s,
@@ -239,27 +223,14 @@ class DistributedImprovedDilatedAttention(ImprovedDilatedAttention):
     """Head-parallel :class:`ImprovedDilatedAttention` for multi-GPU / multi-node training: shard in,
     shard out. Each rank runs the fastest single-device path on its heads of the whole sequence.
 
-    Needs ``num_heads % world == 0``; see :func:`head_parallel_dilated_attention`. ``.stats`` counts bytes;
-    ``timeout_s`` bounds every wait for other ranks.
+    Arguments of :class:`BaseDilatedAttention`, and ``process_group`` and ``timeout_s``, which bounds
+    every wait for other ranks. Needs ``num_heads % world == 0``; see
+    :func:`head_parallel_dilated_attention`. ``.stats`` counts bytes.
     """
 
-    def __init__(
-        self,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        softmax_scale: Optional[float] = None,
-        attention_dropout: float = 0.0,
-        *,
-        offsets: Union[str, Sequence[Sequence[int]]] = "paper",
-        head_groups: bool = False,
-        backend: Optional[str] = None,
-        process_group: Any = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
-        super().__init__(
-            segment_lengths, dilation_rates, softmax_scale, attention_dropout, offsets=offsets,
-            head_groups=head_groups, backend=backend,
-        )
+    def __init__(self, *args: Any, process_group: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.timeout_s = check_timeout(timeout_s)
         self.process_group = process_group
         self.stats = CommStats()
@@ -283,23 +254,14 @@ class DistributedImprovedDilatedAttention(ImprovedDilatedAttention):
 
 class DistributedImprovedMultiheadDilatedAttention(ImprovedMultiheadDilatedAttention):
     """:class:`ImprovedMultiheadDilatedAttention` (fused q/k/v projection) whose core is
-    :class:`DistributedImprovedDilatedAttention`; ``to_multihead()`` gives the single-device equivalent.
+    :class:`DistributedImprovedDilatedAttention` (``process_group=``, ``timeout_s=`` go to it);
+    ``to_multihead()`` gives the single-device equivalent.
 
     Input: this rank's shard ``(b, n_local, embed_dim)``; output: its shard of the result. ``timeout_s``
     bounds every wait for other ranks.
     """
 
-    def __init__(
-        self, embed_dim: int, num_heads: int, *, process_group: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-        **kwargs: Any,
-    ) -> None:
-        # read by _make_attention during super().__init__
-        self._hp_process_group, self._hp_timeout_s = process_group, check_timeout(timeout_s)
-        super().__init__(embed_dim, num_heads, **kwargs)
-
-    def _make_attention(self, *args: Any, **kwargs: Any) -> BaseDilatedAttention:
-        return DistributedImprovedDilatedAttention(*args, process_group=self._hp_process_group,
-                                                   timeout_s=self._hp_timeout_s, **kwargs)
+    attention_class = DistributedImprovedDilatedAttention
 
     @property
     def stats(self) -> CommStats:

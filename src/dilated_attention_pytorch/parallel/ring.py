@@ -14,28 +14,25 @@ of received rows to their owners.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .. import _validation as V
 from ..attention import BaseDilatedAttention
-from ..functional import dilated_attention
 from ..backends import choose_backend
+from ..engine import Block, _add_heads, _from_kernel, _heads, _rows, _to_kernel
+from ..functional import AttentionArgs, attend, attention_args
 from ..kernels import BlockInputs, BlockKernel, acc_dtype, choose_kernel
 from ..merge import merge_partials
 from ..multihead import BaseMultiheadDilatedAttention
 from ..patterns import OffsetRule
-from ..engine import Block, _add_heads, _from_kernel, _heads, _rows, _to_kernel
-from .comm import (
-    DEFAULT_TIMEOUT_S, CommStats, agree_or_raise, call_settings, check_timeout, collective_device, exchange,
-    resolve_group, resolve_timeout, wait_transfers,
-)
+from .comm import DEFAULT_TIMEOUT_S, Agreed, CommStats, agree_call, check_timeout, exchange, wait_transfers
 from .ring_plan import RingPlan, ring_plan
 
 __all__ = ["RingDilatedAttention", "RingMultiheadDilatedAttention", "ring_dilated_attention"]
 
 _WHAT = "ring_dilated_attention"
+_BACKENDS = ("auto", "fused", "portable")  # not "reference": it builds n x n scores
 
 
 @dataclass
@@ -253,66 +250,26 @@ def _inputs(q: torch.Tensor, key_valid, needs_delta: bool) -> BlockInputs:
     )
 
 
-def _validate(query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets,
-              head_groups, key_padding_mask, return_lse, backend):
-    a = V.check_attention_args(query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p,
-                               offsets, head_groups, key_padding_mask, return_lse, backend)
-    if a.dropout_p > 0:
-        raise ValueError(
-            f"dropout_p must be 0 for ring_dilated_attention (attention dropout is not supported across ranks), "
-            f"but got {a.dropout_p}; use DistributedImprovedDilatedAttention for dropout"
-        )
-    if a.backend == "reference":
-        raise ValueError(
-            "backend must be 'auto', 'fused' or 'portable' for ring_dilated_attention, but got 'reference'"
-        )
-    return (a.segment_lengths, a.dilation_rates, a.is_causal, a.scale, a.offsets, a.head_groups,
-            a.key_padding_mask)
-
-
-class _Agreed(NamedTuple):
-    """A call's validated settings, after every rank agreed on them."""
-
-    group: Any
-    rank: int
-    world: int
-    segment_lengths: tuple[int, ...]
-    dilation_rates: tuple[int, ...]
-    is_causal: bool
-    scale: Optional[float]
-    offsets: Any
-    head_groups: bool
-    key_padding_mask: Optional[torch.Tensor]
-    timeout_s: float
-
-
 def _agree(query, key, value, segment_lengths, dilation_rates, process_group, is_causal, scale, dropout_p, offsets,
-           head_groups, key_padding_mask, return_lse, backend, stats, timeout_s, check_timeout_s) -> _Agreed:
-    """Validate this rank's call and agree on it with every rank of the group (raises on every rank if
-    any rank's inputs are invalid or differ, or if another rank called another strategy)."""
-    group, rank, world = resolve_group(process_group, _WHAT)
-    local_error: Optional[BaseException] = None
-    try:
-        timeout_s = resolve_timeout(timeout_s, check_timeout_s, stacklevel=4)  # user -> ring -> _agree -> here
-    except (TypeError, ValueError) as err:
-        local_error, timeout_s = err, DEFAULT_TIMEOUT_S
-    try:
-        if stats is not None and not isinstance(stats, CommStats):
-            raise TypeError(f"stats must be a CommStats or None, but got {type(stats).__name__}")
-        segment_lengths, dilation_rates, is_causal, scale, offsets, head_groups, key_padding_mask = _validate(
-            query, key, value, segment_lengths, dilation_rates, is_causal, scale, dropout_p, offsets,
-            head_groups, key_padding_mask, return_lse, backend,
+           head_groups, key_padding_mask, return_lse, backend, stats, timeout_s, check_timeout_s) -> Agreed:
+    """Check this rank's call and agree on it with every rank of the group (raises on every rank if any
+    rank's inputs are invalid or differ, or if another rank called another strategy)."""
+    def check(world: int) -> AttentionArgs:
+        args = attention_args(
+            query, key, value, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+            offsets=offsets, head_groups=head_groups, key_padding_mask=key_padding_mask, return_lse=return_lse,
+            backend=backend, backends=_BACKENDS,
         )
-    except (TypeError, ValueError) as err:  # reported to every rank below, then raised here
-        local_error = local_error or err
-    settings = call_settings(
-        query, key, is_causal=is_causal, scale=scale, segment_lengths=segment_lengths,
-        dilation_rates=dilation_rates, offsets=offsets, head_groups=head_groups,
-        key_padding_mask=key_padding_mask is not None, return_lse=return_lse, backend=backend,
-    )
-    agree_or_raise(_WHAT, "ring", settings, local_error, group, collective_device(group, query), timeout_s)
-    return _Agreed(group, rank, world, segment_lengths, dilation_rates, is_causal, scale, offsets, head_groups,
-                   key_padding_mask, timeout_s)
+        if args.dropout_p > 0:
+            raise ValueError(
+                f"dropout_p must be 0 for ring_dilated_attention (attention dropout is not supported across ranks), "
+                f"but got {args.dropout_p}; use DistributedImprovedDilatedAttention for dropout"
+            )
+        return args
+
+    return agree_call(_WHAT, "ring", process_group, query, key, check,
+                      lambda a: {**vars(a), "key_padding_mask": key_padding_mask is not None}, timeout_s,
+                      check_timeout_s, stats, stacklevel=5)  # user -> ring -> _agree -> agree_call -> warning
 
 
 def ring_dilated_attention(
@@ -356,75 +313,50 @@ def ring_dilated_attention(
     """
     call = _agree(query, key, value, segment_lengths, dilation_rates, process_group, is_causal, scale, dropout_p,
                   offsets, head_groups, key_padding_mask, return_lse, backend, stats, timeout_s, check_timeout_s)
-    group, rank, world = call.group, call.rank, call.world
-    segment_lengths, dilation_rates, is_causal, scale = (call.segment_lengths, call.dilation_rates,
-                                                         call.is_causal, call.scale)
-    offsets, head_groups, key_padding_mask = call.offsets, call.head_groups, call.key_padding_mask
+    args = call.args
     b, n_local, h, d = query.shape
-    if scale is None:
-        scale = d**-0.5
-    plan = ring_plan(world, rank, n_local, h, key.shape[2], segment_lengths, dilation_rates, offsets,
-                     head_groups, is_causal)
+    # One choice of backend and block kernel for the whole call: the core and a local-only call run it,
+    # and the own blocks use its block kernel.
+    choice = choose_backend(args.backend, query, key_padding_mask, 0.0, args.return_lse and torch.is_grad_enabled())
+    plan = ring_plan(call.world, call.rank, n_local, h, key.shape[2], args.segment_lengths, args.dilation_rates,
+                     args.offsets, args.head_groups, args.is_causal)
     if plan.local_only:
         # Every segment lies inside one shard: the single-device path on the shard is exact (§3.1).
         if stats is not None:
             stats.calls += 1
             stats.local_only_calls += 1
-        return dilated_attention(
-            query, key, value, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
-            offsets=offsets, head_groups=head_groups, key_padding_mask=key_padding_mask, return_lse=return_lse,
-            backend=backend,
-        )
+        out, lse = attend(query, key, value, key_padding_mask, args, choice)
+        return (out, lse) if args.return_lse else out
     key_valid = None if key_padding_mask is None else ~key_padding_mask
-    # The block kernel the single-device path would pick (fused cuDNN where it can, else portable).
-    kernel = choose_backend(backend, query, key_padding_mask, 0.0, False).kernel
     remote_kernel = choose_kernel(_inputs(query, key_valid, False))  # e.g. FlashAttention-2 on CUDA bf16
-    args = _Args(plan, group, is_causal, scale, kernel, remote_kernel, stats, call.timeout_s)
-    out, lse_bnh = _RingFunction.apply(query, key, value, key_valid, args)  # (b, n_local, h, d), (b, n_local, h)
+    ring_args = _Args(plan, call.group, args.is_causal, args.scale, choice.kernel, remote_kernel, stats, call.timeout_s)
+    out, lse_bnh = _RingFunction.apply(query, key, value, key_valid, ring_args)  # (b, n_local, h, d), (b, n_local, h)
     lse = lse_bnh.transpose(1, 2)  # (b, h, n_local)
     c0, c1 = plan.core
     if c1 > c0:
         # Rows tiled by whole segments of every pattern: single-device attention on them is exact, and the
         # ring function left them untouched (zeros); splice the core in.
         sl = slice(c0, c1)
-        core = dilated_attention(
-            query[:, sl], key[:, sl], value[:, sl], segment_lengths, dilation_rates, is_causal=is_causal,
-            scale=scale, offsets=offsets, head_groups=head_groups,
-            key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, sl], return_lse=return_lse,
-            backend=backend,
-        )
-        out_core, lse_core = core if return_lse else (core, None)
+        out_core, lse_core = attend(query[:, sl], key[:, sl], value[:, sl],
+                                    None if key_padding_mask is None else key_padding_mask[:, sl], args, choice)
         out = torch.cat([out[:, :c0], out_core, out[:, c1:]], 1)
-        if return_lse:
+        if args.return_lse:
             lse = torch.cat([lse[:, :, :c0], lse_core, lse[:, :, c1:]], 2)
-    return (out, lse) if return_lse else out
+    return (out, lse) if args.return_lse else out
 
 
 class RingDilatedAttention(BaseDilatedAttention):
     """:class:`DilatedAttention` over a sequence sharded across ``process_group`` (shard in, shard out).
 
-    ``.stats`` (a :class:`CommStats`) counts the bytes this rank sends. ``timeout_s`` bounds every wait
-    for other ranks (see :func:`ring_dilated_attention`). Attention dropout is not supported (construct
-    with ``attention_dropout=0``); ``backend`` must not be ``"reference"``.
+    Arguments of :class:`BaseDilatedAttention`, and ``process_group`` and ``timeout_s``, which bounds
+    every wait for other ranks (see :func:`ring_dilated_attention`). ``.stats`` (a :class:`CommStats`)
+    counts the bytes this rank sends. Attention dropout is not supported (construct with
+    ``attention_dropout=0``); ``backend`` must not be ``"reference"``.
     """
 
-    def __init__(
-        self,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        softmax_scale: Optional[float] = None,
-        attention_dropout: float = 0.0,
-        *,
-        offsets: Union[str, Sequence[Sequence[int]]] = "paper",
-        head_groups: bool = False,
-        backend: Optional[str] = None,
-        process_group: Any = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
-        super().__init__(
-            segment_lengths, dilation_rates, softmax_scale, attention_dropout, offsets=offsets,
-            head_groups=head_groups, backend=backend,
-        )
+    def __init__(self, *args: Any, process_group: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.timeout_s = check_timeout(timeout_s)
         if self.config.dropout > 0:
             raise ValueError(
@@ -453,23 +385,14 @@ class RingDilatedAttention(BaseDilatedAttention):
 
 
 class RingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
-    """:class:`MultiheadDilatedAttention` whose attention core is :class:`RingDilatedAttention`.
+    """:class:`MultiheadDilatedAttention` whose attention core is :class:`RingDilatedAttention`
+    (``process_group=``, ``timeout_s=`` go to it).
 
     Input: this rank's shard ``(b, n_local, embed_dim)``; output: its shard of the result. ``timeout_s``
     bounds every wait for other ranks (see :func:`ring_dilated_attention`).
     """
 
-    def __init__(
-        self, embed_dim: int, num_heads: int, *, process_group: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-        **kwargs: Any,
-    ) -> None:
-        # read by _make_attention during super().__init__
-        self._ring_process_group, self._ring_timeout_s = process_group, check_timeout(timeout_s)
-        super().__init__(embed_dim, num_heads, **kwargs)
-
-    def _make_attention(self, *args: Any, **kwargs: Any) -> BaseDilatedAttention:
-        return RingDilatedAttention(*args, process_group=self._ring_process_group, timeout_s=self._ring_timeout_s,
-                                    **kwargs)
+    attention_class = RingDilatedAttention
 
     @property
     def stats(self) -> CommStats:

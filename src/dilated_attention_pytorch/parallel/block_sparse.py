@@ -11,21 +11,17 @@ set of fetched key blocks, with the layout's columns renumbered to that set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import _validation as V
-from ..parallel.comm import (
-    DEFAULT_TIMEOUT_S, agree_or_raise, call_settings, check_timeout, collective_device, post, resolve_group,
-    wait_transfers,
-)
-from .cache import METADATA_CACHE, layout_digest, tensor_bytes
-from .config import SparsePatternConfig
-from .modules import BlockSparseRingDilatedAttention
-from .plan import BlockPlan, build_plan
-from .portable import portable_block_sparse_attention
+from ..block_sparse.cache import METADATA_CACHE, layout_digest, tensor_bytes
+from ..block_sparse.modules import BlockSparseRingDilatedAttention
+from ..block_sparse.plan import BlockPlan, build_plan
+from ..block_sparse.portable import portable_block_sparse_attention
+from .comm import DEFAULT_TIMEOUT_S, agree_call, check_timeout, post, wait_transfers
 
 __all__ = ["BlockSparseRingDistributedDilatedAttention"]
 
@@ -127,23 +123,9 @@ class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention
     raise a ``RuntimeError`` within it instead of hanging (on a GPU the waits after the check stay
     stream-ordered and the process group's own timeout bounds them)."""
 
-    def __init__(
-        self,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        softmax_scale: Optional[float] = None,
-        attention_dropout: float = 0.0,
-        *,
-        offsets: Union[str, Sequence[Sequence[int]]] = "paper",
-        head_groups: bool = False,
-        sparse_config: Optional[SparsePatternConfig] = None,
-        block_size: int = 128,
-        process_group: Optional[Any] = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
-        super().__init__(segment_lengths, dilation_rates, softmax_scale, attention_dropout, offsets=offsets,
-                         head_groups=head_groups, sparse_config=sparse_config, block_size=block_size,
-                         backend="portable")
+    def __init__(self, *args: Any, process_group: Optional[Any] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, backend="portable", **kwargs)
         if self.sparse_config.content_dependent:
             raise ValueError(
                 "pattern='adaptive' is not supported sequence-sharded (its layout needs every rank's "
@@ -161,30 +143,26 @@ class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention
         is_causal: bool = False,
         key_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        group, rank, world = resolve_group(self.process_group, _WHAT)
-        local_error: Optional[BaseException] = None
-        try:  # reported to every rank by the agreement below, then raised here
+        def check(world: int) -> bool:
             if key_padding_mask is not None:
                 raise ValueError(
                     "key_padding_mask is not supported by block-sparse attention; mask blocks in the layout"
                 )
             V.check_qkv(query, key, value)
-            is_causal = V.check_bool("is_causal", is_causal)
             if query.shape[1] % self.block_size != 0:
                 raise ValueError(
                     f"each rank's shard length must be a multiple of block_size={self.block_size}, but got "
                     f"{query.shape[1]}"
                 )
-        except (TypeError, ValueError) as err:
-            local_error = err
+            return V.check_bool("is_causal", is_causal)
+
         c = self.config
-        settings = call_settings(
-            query, key, is_causal=is_causal, block_size=self.block_size, softmax_scale=c.softmax_scale,
+        call = agree_call(_WHAT, "block_sparse", self.process_group, query, key, check, lambda causal: dict(
+            is_causal=causal, block_size=self.block_size, softmax_scale=c.softmax_scale,
             segment_lengths=c.segment_lengths, dilation_rates=c.dilation_rates, offsets=c.offsets,
             head_groups=c.head_groups, sparse_config=self.sparse_config,
-        )
-        agree_or_raise(_WHAT, "block_sparse", settings, local_error, group, collective_device(group, query),
-                       self.timeout_s)
+        ), self.timeout_s)
+        group, rank, world, is_causal = call.group, call.rank, call.world, call.args
         b, n_local, h, d = query.shape
         bs = self.block_size
         n = n_local * world
