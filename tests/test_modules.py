@@ -114,3 +114,30 @@ def test_multihead_trains(device):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_multihead_receives_its_core():
+    """``attention=``: a built core (which brings its settings) or a class that builds one; by default the
+    class's ``attention_class``. No module builds its core before ``super().__init__``."""
+    from dilated_attention_pytorch import ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention
+
+    torch.manual_seed(0)
+    core = DilatedAttention([8, 16], [1, 2], offsets="torchscale")
+    given = MultiheadDilatedAttention(32, 4, attention=core, dtype=torch.float64)
+    torch.manual_seed(0)
+    built = MultiheadDilatedAttention(32, 4, segment_lengths=[8, 16], dilation_rates=[1, 2], offsets="torchscale",
+                                      dtype=torch.float64)
+    assert given.attention is core and built.attention.config == core.config
+    x = torch.randn(2, 21, 32, dtype=torch.float64)
+    torch.testing.assert_close(given(x, x, x, is_causal=True)[0], built(x, x, x, is_causal=True)[0], atol=0, rtol=0)
+    by_class = MultiheadDilatedAttention(32, 4, segment_lengths=[8], dilation_rates=[1], attention=ImprovedDilatedAttention)
+    assert type(by_class.attention) is ImprovedDilatedAttention and by_class.attention.config.backend == "auto"
+    assert ImprovedMultiheadDilatedAttention.attention_class is ImprovedDilatedAttention
+    with pytest.raises(TypeError, match="attention= is a module with its own settings"):
+        MultiheadDilatedAttention(32, 4, segment_lengths=[8], dilation_rates=[1], attention=core)
+    with pytest.raises(TypeError, match="segment_lengths and dilation_rates are required"):
+        MultiheadDilatedAttention(32, 4)
+    with pytest.raises(TypeError, match="attention must be a BaseDilatedAttention"):
+        MultiheadDilatedAttention(32, 4, attention=torch.nn.Identity())
+    with pytest.raises(ValueError, match="offsets"):  # a given core's offsets are checked against the heads
+        MultiheadDilatedAttention(32, 4, attention=DilatedAttention([8], [2], offsets=[[0, 1, 0]]))

@@ -90,3 +90,21 @@ def test_multihead_validates_at_construction(kwargs, exc, words):
     with pytest.raises(exc) as info:
         MultiheadDilatedAttention(segment_lengths=[8], dilation_rates=[2], **kwargs)
     assert words in str(info.value)
+
+
+def test_a_call_is_checked_once(monkeypatch):
+    """Public functions and modules check their arguments once, then run internal functions on the
+    checked settings (a frozen ``AttentionArgs``)."""
+    from dilated_attention_pytorch import _validation as V
+    from dilated_attention_pytorch.functional import AttentionArgs, attend, attention_args
+
+    calls = []
+    check_qkv = V.check_qkv
+    monkeypatch.setattr(V, "check_qkv", lambda *a: calls.append(a) or check_qkv(*a))
+    out = DilatedAttention([8], [2])(Q, K, K)
+    assert len(calls) == 1
+    args = attention_args(Q, K, K, [8], [2], is_causal=False, scale=None, dropout_p=0.0, offsets=[[0, 1, 0, 1]],
+                          head_groups=False, key_padding_mask=None, return_lse=False, backend="auto")
+    assert isinstance(args, AttentionArgs) and args.scale == 8**-0.5 and args.offsets == ((0, 1, 0, 1),)
+    hash(args)  # hashable settings
+    torch.testing.assert_close(attend(Q, K, K, None, args)[0], out)

@@ -55,31 +55,18 @@ class BaseDilatedAttention(nn.Module):
             f"offsets={c.offsets!r}, head_groups={c.head_groups}, dropout={c.dropout}, backend={c.backend!r}"
         )
 
-    def _attend(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        is_causal: bool,
-        key_padding_mask: Optional[torch.Tensor],
-        backend: str,
-    ) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False,
+                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._attend(query, key, value, is_causal, key_padding_mask)
+
+    def _attend(self, query, key, value, is_causal, key_padding_mask) -> torch.Tensor:
+        """How this module runs attention (what subclasses change)."""
         c = self.config
         return dilated_attention(
             query, key, value, c.segment_lengths, c.dilation_rates, is_causal=is_causal, scale=c.softmax_scale,
             dropout_p=c.dropout if self.training else 0.0, offsets=c.offsets, head_groups=c.head_groups,
-            key_padding_mask=key_padding_mask, backend=backend,
+            key_padding_mask=key_padding_mask, backend=c.backend,
         )
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        is_causal: bool = False,
-        key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        return self._attend(query, key, value, is_causal, key_padding_mask, self.config.backend)
 
 
 class DilatedAttention(BaseDilatedAttention):

@@ -100,20 +100,10 @@ def attend(
 
 
 def dilated_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    *,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    dropout_p: float = 0.0,
-    offsets: OffsetRule = "paper",
-    head_groups: bool = False,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    return_lse: bool = False,
-    backend: str = "auto",
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int], *, is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0,
+    offsets: OffsetRule = "paper", head_groups: bool = False, key_padding_mask: Optional[torch.Tensor] = None,
+    return_lse: bool = False, backend: str = "auto",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Exact LongNet dilated attention: ``softmax(scale·QKᵀ + log C) V`` (README, "What it computes").
 

@@ -1,9 +1,9 @@
-"""``python -m dilated_attention_pytorch info``: every backend and attention family, available here or not, and why."""
+"""``python -m dilated_attention_pytorch info``: what every backend supports (the capability tables), and every
+backend, kernel and attention family: available here or not, and why."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import sys
 from dataclasses import dataclass
@@ -11,7 +11,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["BackendStatus", "collect", "main"]
+from .capabilities import has_package, render_table
+
+__all__ = ["BackendStatus", "collect", "main", "tables"]
 
 
 @dataclass(frozen=True)
@@ -22,8 +24,11 @@ class BackendStatus:
     detail: str
 
 
-def _kernels() -> list[BackendStatus]:
-    from .kernels import FUSED_KERNELS, KERNELS, BlockInputs, kernel_reasons
+def _probes() -> list[BackendStatus]:
+    """Each backend of both families and each block kernel on typical inputs of each device: its reasons."""
+    from .backends import DILATED_BACKENDS
+    from .block_sparse.functional import SPARSE_BACKENDS
+    from .kernels import KERNELS, BlockInputs
 
     probes = [("cpu", torch.float32, "cpu float32"), ("cpu", torch.bfloat16, "cpu bfloat16")]
     if torch.cuda.is_available():
@@ -32,11 +37,15 @@ def _kernels() -> list[BackendStatus]:
         probes += [("cuda", torch.bfloat16, "cuda bfloat16 (no GPU here)")]
     rows = []
     for device_type, dtype, label in probes:
-        inputs = BlockInputs(device_type, dtype, 64, False, False, False)
-        for name, reasons in kernel_reasons(inputs, FUSED_KERNELS + KERNELS).items():
-            usable = not reasons and (device_type != "cuda" or torch.cuda.is_available())
-            detail = "; ".join(reasons) if reasons else ("supported" if usable else "supported, but no CUDA GPU here")
-            rows.append(BackendStatus(f"block kernels, {label}, head_dim 64", name, usable, detail))
+        inputs = BlockInputs(device_type, dtype, 64, False, False, False, 128)
+        families = (("dilated backends", DILATED_BACKENDS), ("block kernels", KERNELS),
+                    ("block-sparse backends, block_size 128", SPARSE_BACKENDS))
+        for family, backends in families:
+            for backend in backends:
+                reasons = backend.not_supported_reasons(inputs)
+                usable = not reasons and (device_type != "cuda" or torch.cuda.is_available())
+                detail = "; ".join(reasons) if reasons else ("supported" if usable else "supported, but no CUDA GPU here")
+                rows.append(BackendStatus(f"{family}, {label}, head_dim 64", backend.name, usable, detail))
     return rows
 
 
@@ -51,7 +60,7 @@ def _runtime() -> list[BackendStatus]:
     else:
         why = "torch built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
         rows.append(BackendStatus("runtime", "cuda", False, why))
-    triton = importlib.util.find_spec("triton") is not None
+    triton = has_package("triton")
     rows.append(BackendStatus("runtime", "triton", triton, "importable" if triton else
                               "not installed (pip install 'dilated-attention-pytorch[triton]')"))
     if not dist.is_available():
@@ -66,7 +75,7 @@ def _runtime() -> list[BackendStatus]:
                                   "GPU process groups" if nccl and torch.cuda.is_available()
                                   else ("built, but no CUDA GPU here" if nccl else "not built into torch")))
     for pkg, extra in (("transformers", "hf"), ("tqdm", "bench"), ("matplotlib", "bench")):
-        found = importlib.util.find_spec(pkg) is not None
+        found = has_package(pkg)
         why = "installed" if found else f"not installed (pip install 'dilated-attention-pytorch[{extra}]')"
         rows.append(BackendStatus("optional packages", pkg, found, why))
     return rows
@@ -77,12 +86,21 @@ def _families() -> list[BackendStatus]:
 
     section = "attention families (factory)"
     rows = [BackendStatus(section, name, ok, detail) for name, (ok, detail) in route_status().items()]
-    rows.append(BackendStatus(section, "auto", True, str(explain_auto())))
+    rows.append(BackendStatus(section, "auto", True, explain_auto().summary))
     return rows
 
 
 def collect() -> list[BackendStatus]:
-    return _runtime() + _kernels() + _families()
+    return _runtime() + _probes() + _families()
+
+
+def tables() -> str:
+    """What every backend of both families supports (the data the dispatchers read)."""
+    from .backends import backend_table
+    from .block_sparse.functional import SPARSE_BACKENDS
+
+    sparse = render_table([(b.name, b.support) for b in SPARSE_BACKENDS])
+    return f"dilated attention: backends and block kernels\n{backend_table()}\n\nblock-sparse attention\n{sparse}"
 
 
 def main(argv: Optional[list[str]] = None) -> list[BackendStatus]:
@@ -92,6 +110,7 @@ def main(argv: Optional[list[str]] = None) -> list[BackendStatus]:
 
     print(f"dilated-attention-pytorch {__version__}, torch {torch.__version__}, python {platform.python_version()} "
           f"on {sys.platform}")
+    print(f"\n{tables()}")
     rows = collect()
     section = None
     for row in rows:

@@ -1,4 +1,5 @@
-"""Index math of dilated attention: which rows each head covers in each pattern (SPEC §1).
+"""Index math of dilated attention: which rows each head covers in each pattern (README,
+"What it computes").
 
 Everything here is pure Python on integers; no tensors are touched. The functions are the one
 source of truth for segments, head groups and offsets, used by every backend.

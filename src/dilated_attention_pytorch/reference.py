@@ -1,4 +1,5 @@
-"""Dense float64 reference of SPEC §1: ``softmax(scale·QKᵀ + log C) V``. Simple, O(n²), for tests."""
+"""Dense float64 reference of dilated attention (README, "What it computes"): ``softmax(scale·QKᵀ + log C) V``.
+Simple, O(n²), for tests; :func:`dense_attention` also serves the block-sparse reference."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from .patterns import OffsetRule, head_groups_of, head_offsets
 
-__all__ = ["count_matrix", "reference_dilated_attention", "REFERENCE_MAX_SCORES"]
+__all__ = ["count_matrix", "dense_attention", "reference_dilated_attention", "REFERENCE_MAX_SCORES"]
 
 REFERENCE_MAX_SCORES = 1 << 28  # b * h * n * n entries at most
 
@@ -64,9 +65,15 @@ def reference_dilated_attention(
         allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]
-    log_counts = torch.where(counts > 0, counts, 1.0).log()
-    scores = torch.where(allowed, scale * q @ k.transpose(-1, -2) + log_counts, float("-inf"))
+    return dense_attention(q, k, v, allowed, scale, torch.where(counts > 0, counts, 1.0).log())
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+                    bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(scale·QKᵀ + bias)·V`` over the ``allowed`` keys, q/k/v ``(b, h, n, d)`` ->
+    (out ``(b, n, h, d)``, lse ``(b, h, n)``); rows with no allowed key get zeros and LSE ``-inf``."""
+    scores = scale * q @ k.transpose(-1, -2)
+    scores = torch.where(allowed, scores if bias is None else scores + bias, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (b, h, n)
     probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    out = (probs @ v).transpose(1, 2)  # (b, n, h, d)
-    return out, lse
+    return (probs @ v).transpose(1, 2), lse

@@ -133,8 +133,8 @@ _DIGESTS_LOCK = threading.Lock()
 def layout_digest(layout: torch.Tensor) -> str:
     """Content hash of a bool layout: its bits packed on its own device, then BLAKE2b on the host.
 
-    Hashing copies the packed bits to the host (8 MB and ~10 ms for 16 heads at 256K tokens, block
-    128), so the digest of a layout tensor is kept while the tensor lives and is unchanged: same
+    Hashing copies the packed bits to the host (8 MB for 16 heads at 256K tokens, block 128; its time:
+    BENCHMARKS.md), so the digest of a layout tensor is kept while the tensor lives and is unchanged: same
     version counter (PyTorch bumps it on every in-place write, through views too), storage, offset,
     shape and strides. Writes that bypass PyTorch's version counter (through ``.data``, DLPack or a
     NumPy view) are not seen: make a new tensor instead.

@@ -80,15 +80,15 @@ def layout_block_mask(layout: torch.Tensor, seq_len: int, block_size: int, is_ca
     )
 
 
-# FlexAttention's tile settings measured fastest for block-sparse layouts on an H200 (bf16, head_dim 128,
-# block 128, 10% density; benchmarks/flex_tuning.py): 128 x 128 forward tiles with 8 warps, 2 stages
-# and TMA loads (forward 9.05 -> 8.24 ms at 64K tokens); its own backward tiles, with TMA loads.
+# FlexAttention's tile settings measured fastest for block-sparse layouts on Hopper (bf16, head_dim 128,
+# block 128; benchmarks/flex_tuning.py, timings in BENCHMARKS.md): 128 x 128 forward tiles with 8 warps,
+# 2 stages and TMA loads; its own backward tiles, with TMA loads.
 HOPPER_KERNEL_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2, "USE_TMA": True}
 
 
 def default_kernel_options(query: torch.Tensor) -> Optional[dict]:
     """The measured tile settings where they won (Hopper, fp16/bf16, head_dim 128), else None
-    (FlexAttention's own choice; at head_dim 64 they were 6% slower than its own)."""
+    (FlexAttention's own choice; at head_dim 64 they lost to it, see BENCHMARKS.md)."""
     if (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16)
             and query.shape[-1] == 128 and torch.cuda.get_device_capability(query.device) == (9, 0)):
         return HOPPER_KERNEL_OPTIONS

@@ -141,16 +141,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
 
 
 def block_sparse_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    layout: torch.Tensor,
-    *,
-    block_size: int,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    return_lse: bool = False,
-    backend: str = "auto",
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: torch.Tensor, *, block_size: int,
+    is_causal: bool = False, scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Exact block-sparse attention with one joint softmax per query row.
 

@@ -54,8 +54,8 @@ def dilated_layout(
     head_groups: bool = False,
     device: Device = None,
 ) -> torch.Tensor:
-    """LongNet's pattern (SPEC §1) with blocks as tokens: block ``I`` of head ``j`` sees block ``J``
-    through pattern ``i`` iff both lie in one segment of ``W_i = min(segment_blocks[i], num_blocks)``
+    """LongNet's pattern (README, "What it computes") with blocks as tokens: block ``I`` of head ``j`` sees
+    block ``J`` through pattern ``i`` iff both lie in one segment of ``W_i = min(segment_blocks[i], num_blocks)``
     blocks and ``(I mod W_i) mod r_i == o_i(j) == (J mod W_i) mod r_i``. The layout is the union over
     patterns (a key reached through two patterns is seen once: one joint softmax, not LongNet's counts).
     With ``block_size = 1`` it is exactly ``count_matrix(...) > 0`` of the token-level model."""

@@ -80,14 +80,7 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
                 self.block_size, is_causal, str(device))
         return METADATA_CACHE.get_or_create(key_, make, tensor_bytes)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        is_causal: bool = False,
-        key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def _attend(self, query, key, value, is_causal, key_padding_mask) -> torch.Tensor:
         if key_padding_mask is not None:
             raise ValueError(
                 "key_padding_mask is not supported by block-sparse attention; mask padding blocks in the "

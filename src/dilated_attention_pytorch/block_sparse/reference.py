@@ -1,8 +1,10 @@
-"""Dense float64 reference of block-sparse attention (SPEC §2): O(n²), for tests only."""
+"""Dense float64 reference of block-sparse attention (README, "Block-sparse attention"): O(n²), for tests only."""
 
 from __future__ import annotations
 
 import torch
+
+from ..reference import dense_attention
 
 __all__ = ["layout_to_token_mask", "reference_block_sparse_attention"]
 
@@ -30,13 +32,6 @@ def reference_block_sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out (b, n, h, d) float64, lse (b, h, n) float64); differentiable through autograd."""
     b, n, h, d = query.shape
-    group = h // key.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    q = query.double().transpose(1, 2)  # (b, h, n, d)
-    k = key.double().repeat_interleave(group, dim=2).transpose(1, 2)
-    v = value.double().repeat_interleave(group, dim=2).transpose(1, 2)
+    q, k, v = (x.double().repeat_interleave(h // x.shape[2], dim=2).transpose(1, 2) for x in (query, key, value))
     allowed = layout_to_token_mask(layout, n, block_size, h, is_causal)[None]  # (1, h, n, n)
-    scores = torch.where(allowed, scale * q @ k.transpose(-1, -2), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (b, h, n)
-    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    return (probs @ v).transpose(1, 2), lse
+    return dense_attention(q, k, v, allowed, d**-0.5 if scale is None else scale)

@@ -135,14 +135,7 @@ class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention
         self.process_group = process_group
         self.last_fetched_blocks = 0
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        is_causal: bool = False,
-        key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def _attend(self, query, key, value, is_causal, key_padding_mask) -> torch.Tensor:
         def check(world: int) -> bool:
             if key_padding_mask is not None:
                 raise ValueError(

@@ -141,8 +141,7 @@ def wait_transfers(works: Sequence[tuple[Any, str]], what: str, timeout_s: float
     see :func:`wait_bounded`; stream-ordered on a GPU (NCCL), where the host goes on queueing work.
 
     A bounded wait on a GPU (``Work.wait(timeout)``) blocks the host until each transfer has finished,
-    polling every millisecond (measured on an H200: up to ~0.9 ms of idle GPU per wait), so there these
-    waits are bounded by the process group's own timeout instead (``init_process_group`` /
+    polling every millisecond (idle GPU time per wait: BENCHMARKS.md), so there these waits are bounded by the process group's own timeout instead (``init_process_group`` /
     ``new_group(timeout=...)``), which NCCL's watchdog enforces by aborting with an error that names the
     collective.
     """

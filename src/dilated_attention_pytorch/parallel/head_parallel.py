@@ -60,32 +60,21 @@ def _heads_to_seq(y: torch.Tensor, group: Any, world: int, timeout_s: float, wha
     return recv.permute(1, 2, 0, 3, 4).reshape(b, n // world, world * hp, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """Sequence shards -> head shards (``to_heads``) or back; the backward is the other direction."""
+
     @staticmethod
-    def forward(ctx, x, group, world, stats, timeout_s, what):
-        ctx.group, ctx.world, ctx.stats, ctx.timeout_s, ctx.what = group, world, stats, timeout_s, what
+    def forward(ctx, x, to_heads, group, world, stats, timeout_s, what):
+        ctx.settings = (not to_heads, group, world, stats, timeout_s, f"gradient of {what} (backward)")
         _count(stats, x, world, forward=True)
-        return _seq_to_heads(x, group, world, timeout_s, f"{what} (forward)")
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, world, timeout_s, f"{what} (forward)")
 
     @staticmethod
-    def backward(ctx, dy):
-        _count(ctx.stats, dy, ctx.world, forward=False)
-        dx = _heads_to_seq(dy.contiguous(), ctx.group, ctx.world, ctx.timeout_s, f"gradient of {ctx.what} (backward)")
-        return dx, None, None, None, None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group, world, stats, timeout_s, what):
-        ctx.group, ctx.world, ctx.stats, ctx.timeout_s, ctx.what = group, world, stats, timeout_s, what
-        _count(stats, y, world, forward=True)
-        return _heads_to_seq(y, group, world, timeout_s, f"{what} (forward)")
-
-    @staticmethod
-    def backward(ctx, dx):
-        _count(ctx.stats, dx, ctx.world, forward=False)
-        dy = _seq_to_heads(dx.contiguous(), ctx.group, ctx.world, ctx.timeout_s, f"gradient of {ctx.what} (backward)")
-        return dy, None, None, None, None, None
+    def backward(ctx, grad):
+        to_heads, group, world, stats, timeout_s, what = ctx.settings
+        _count(stats, grad, world, forward=False)
+        exchange = _seq_to_heads if to_heads else _heads_to_seq
+        return exchange(grad.contiguous(), group, world, timeout_s, what), None, None, None, None, None, None
 
 
 def _count(stats: Optional[CommStats], x: torch.Tensor, world: int, forward: bool) -> None:
@@ -127,24 +116,11 @@ def _head_runs(h: int, world: int, rank: int, args: AttentionArgs) -> list[tuple
 
 
 def head_parallel_dilated_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    *,
-    process_group: Any = None,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    dropout_p: float = 0.0,
-    offsets: OffsetRule = "paper",
-    head_groups: bool = False,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    return_lse: bool = False,
-    backend: str = "auto",
-    stats: Optional[CommStats] = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    check_timeout_s: Optional[float] = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int], *, process_group: Any = None, is_causal: bool = False,
+    scale: Optional[float] = None, dropout_p: float = 0.0, offsets: OffsetRule = "paper", head_groups: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None, return_lse: bool = False, backend: str = "auto",
+    stats: Optional[CommStats] = None, timeout_s: float = DEFAULT_TIMEOUT_S, check_timeout_s: Optional[float] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Shard in, shard out: this rank's ``(b, n_local, h, d)`` shard of the output of
     :func:`~dilated_attention_pytorch.dilated_attention` on the whole sequence (forward and gradients).
@@ -181,9 +157,9 @@ def head_parallel_dilated_attention(
         key = key.repeat_interleave(h // h_kv, dim=2)
         value = value.repeat_interleave(h // h_kv, dim=2)
         h_kv = h
-    q_h = _SeqToHeads.apply(query, group, world, stats, timeout_s, "query shards")  # (b, n, h/P, d)
-    k_h = _SeqToHeads.apply(key, group, world, stats, timeout_s, "key shards")  # (b, n, h_kv/P, d)
-    v_h = _SeqToHeads.apply(value, group, world, stats, timeout_s, "value shards")
+    q_h = _AllToAll.apply(query, True, group, world, stats, timeout_s, "query shards")  # (b, n, h/P, d)
+    k_h = _AllToAll.apply(key, True, group, world, stats, timeout_s, "key shards")  # (b, n, h_kv/P, d)
+    v_h = _AllToAll.apply(value, True, group, world, stats, timeout_s, "value shards")
     mask = None
     if key_padding_mask is not None:
         mine = key_padding_mask.to(torch.uint8).contiguous()  # gloo has no bool collectives
@@ -210,12 +186,12 @@ def head_parallel_dilated_attention(
         outs.append(out_r)
         lses.append(lse_r)
     out_h = torch.cat(outs, 2) if len(outs) > 1 else outs[0]  # (b, n, h/P, d)
-    out = _HeadsToSeq.apply(out_h, group, world, stats, timeout_s, "output heads")  # (b, n_local, h, d)
+    out = _AllToAll.apply(out_h, False, group, world, stats, timeout_s, "output heads")  # (b, n_local, h, d)
     if not args.return_lse:
         return out
     lse_h = torch.cat(lses, 1) if len(lses) > 1 else lses[0]  # (b, h/P, n)
-    lse = _HeadsToSeq.apply(lse_h.transpose(1, 2).unsqueeze(-1).contiguous(), group, world, None, timeout_s,
-                            "LSE heads")
+    lse = _AllToAll.apply(lse_h.transpose(1, 2).unsqueeze(-1).contiguous(), False, group, world, None, timeout_s,
+                          "LSE heads")
     return out, lse.squeeze(-1).transpose(1, 2)  # (b, h, n_local)
 
 
@@ -235,14 +211,7 @@ class DistributedImprovedDilatedAttention(ImprovedDilatedAttention):
         self.process_group = process_group
         self.stats = CommStats()
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        is_causal: bool = False,
-        key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def _attend(self, query, key, value, is_causal, key_padding_mask) -> torch.Tensor:
         c = self.config
         return head_parallel_dilated_attention(
             query, key, value, c.segment_lengths, c.dilation_rates, process_group=self.process_group,

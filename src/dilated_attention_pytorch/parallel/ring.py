@@ -273,24 +273,11 @@ def _agree(query, key, value, segment_lengths, dilation_rates, process_group, is
 
 
 def ring_dilated_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    *,
-    process_group: Any = None,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    dropout_p: float = 0.0,
-    offsets: OffsetRule = "paper",
-    head_groups: bool = False,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    return_lse: bool = False,
-    backend: str = "auto",
-    stats: Optional[CommStats] = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    check_timeout_s: Optional[float] = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int], *, process_group: Any = None, is_causal: bool = False,
+    scale: Optional[float] = None, dropout_p: float = 0.0, offsets: OffsetRule = "paper", head_groups: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None, return_lse: bool = False, backend: str = "auto",
+    stats: Optional[CommStats] = None, timeout_s: float = DEFAULT_TIMEOUT_S, check_timeout_s: Optional[float] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Dilated attention over a sequence split across the ranks of ``process_group``.
 
@@ -368,14 +355,7 @@ class RingDilatedAttention(BaseDilatedAttention):
         self.process_group = process_group
         self.stats = CommStats()
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        is_causal: bool = False,
-        key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def _attend(self, query, key, value, is_causal, key_padding_mask) -> torch.Tensor:
         c = self.config
         return ring_dilated_attention(
             query, key, value, c.segment_lengths, c.dilation_rates, process_group=self.process_group,
