@@ -11,6 +11,7 @@ import torch
 
 from .patterns import OFFSET_RULES, head_groups_of
 
+
 def _scalar(value: Any) -> Any:
     """A 0-d tensor's Python number (``torch.tensor(3)`` -> 3); anything else unchanged."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
@@ -54,21 +55,16 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_dropout(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, but got {value!r} of type {type(value).__name__}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), but got {value}")
-    return float(value)
+    """A probability in [0, 1)."""
+    p = check_float(name, value, minimum=0.0)
+    if p >= 1.0:
+        raise ValueError(f"{name} must be in [0, 1), but got {value!r}")
+    return p
 
 
 def check_scale(name: str, value: Any) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float or None, but got {value!r} of type {type(value).__name__}")
-    if not (float(value) > 0.0 and float(value) < float("inf")):
-        raise ValueError(f"{name} must be a finite positive number, but got {value}")
-    return float(value)
+    """None (the default scale) or a finite number > 0."""
+    return None if value is None else check_float(name, value, minimum=0.0, inclusive=False)
 
 
 def check_patterns(segment_lengths: Any, dilation_rates: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:

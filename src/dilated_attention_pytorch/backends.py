@@ -14,8 +14,8 @@ from .capabilities import Backend, Support, first_supported, render_table
 from .kernels import FUSED_KERNELS, KERNELS, BlockInputs, BlockKernel, choose_kernel
 from .reference import REFERENCE_MAX_SCORES
 
-__all__ = ["BACKENDS", "DILATED_BACKENDS", "BackendChoice", "backend_table", "call_inputs", "choose_backend", "chunk_tokens",
-           "explain_backend"]
+__all__ = ["BACKENDS", "DILATED_BACKENDS", "BackendChoice", "backend_table", "call_inputs", "choose_backend",
+           "chunk_tokens", "explain_backend"]
 
 CHUNK_TOKENS = 1 << 17  # tokens per chunk of temporaries (rounded to whole segments)
 
@@ -55,7 +55,8 @@ class BackendChoice:
     def summary(self) -> str:
         kernel = "" if self.kernel is None else f" (block kernel: {self.kernel.name})"
         why = "; ".join(f"{k}: {', '.join(r)}" for k, r in self.fused_reasons.items() if r)
-        return f"{self.backend}{kernel}" + (f" — fused path not used: {why}" if why and self.backend != "fused" else "")
+        unused = f" — fused path not used: {why}" if why and self.backend != "fused" else ""
+        return f"{self.backend}{kernel}{unused}"
 
     def __str__(self) -> str:
         if self.inputs is None:

@@ -56,7 +56,8 @@ class Support:
         limit = [x for x in (self.max_head_dim, other.max_head_dim) if x is not None]
         return Support(
             meet(self.devices, other.devices), meet(self.dtypes, other.dtypes), min(limit) if limit else None,
-            math.lcm(self.head_dim_multiple, other.head_dim_multiple), math.lcm(self.block_multiple, other.block_multiple),
+            math.lcm(self.head_dim_multiple, other.head_dim_multiple),
+            math.lcm(self.block_multiple, other.block_multiple),
             self.key_mask and other.key_mask, self.dropout and other.dropout, self.lse_grad and other.lse_grad,
             self.compile and other.compile, tuple(dict.fromkeys(self.packages + other.packages)),
             self.triton_interpreter and other.triton_interpreter,
@@ -149,7 +150,8 @@ _COLUMNS = ("backend", "devices", "dtypes", "head_dim", "key mask", "dropout", "
 
 
 def _cells(name: str, s: Support) -> list[str]:
-    devices = "any" if s.devices is None else ", ".join(s.devices) + (" (cpu: interpreter)" if s.triton_interpreter else "")
+    devices = "any" if s.devices is None else ", ".join(s.devices)
+    devices += " (cpu: interpreter)" if s.triton_interpreter else ""
     head_dim = "any" if s.max_head_dim is None else (
         f"<= {s.max_head_dim}" + (f", multiple of {s.head_dim_multiple}" if s.head_dim_multiple > 1 else ""))
     if s.block_multiple > 1:
@@ -172,5 +174,5 @@ def render_table(rows: Sequence[tuple[str, Support]], reasons: Optional[dict[str
             cells.append("chosen" if name in chosen else "-" if why is None else "; ".join(why) or "can run")
         body.append(cells)
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
+    lines = [head, ["-" * w for w in widths]] + body
+    return "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |" for cells in lines)

@@ -100,8 +100,9 @@ def explain_auto(
     process_group: Any = None,
 ) -> AutoChoice:
     """Resolve ``"auto"``: ``"ring"`` only when a ``process_group`` is passed (sequence parallelism asked
-    for); otherwise a single-device type: a CUDA GPU whose fused kernel supports the inputs and the
-    ``improved`` module present -> ``"improved"``; else ``"standard"``. An initialised process group never
+    for); otherwise a single-device type: a CUDA GPU where the fused backend supports the inputs ->
+    ``"improved"``; else ``"standard"`` (``str()`` of the choice adds the table of backends). An initialised
+    process group never
     turns on sequence parallelism by itself: under data parallelism (DDP, FSDP) every rank holds whole
     sequences, and treating them as shards of one sequence would be silently wrong; ask for ``"ring"`` or
     ``"distributed"`` by name. ``device``, ``dtype``, ``head_dim`` describe the inputs when known (default:
@@ -140,21 +141,20 @@ def explain_auto(
     device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     inputs = BlockInputs(device_type, dtype or torch.bfloat16, head_dim or 64, False, False, False)
     if device_type != "cuda":
-        reasons.append("no CUDA GPU" if device is None else f"inputs on {device_type}, not cuda")
-        reasons.append("the portable path runs everywhere")
-        return AutoChoice("standard", tuple(reasons), inputs)
-    if device is not None and not torch.cuda.is_available():
+        reasons += ["no CUDA GPU" if device is None else f"inputs on {device_type}, not cuda",
+                    "the portable path runs everywhere"]
+    elif not torch.cuda.is_available():
         reasons.append("device cuda requested but torch.cuda.is_available() is False")
-        return AutoChoice("standard", tuple(reasons), inputs)
-    assumed = [] if dtype is not None and head_dim is not None else [
-        f"assuming dtype={inputs.dtype} and head_dim={inputs.head_dim} (pass dtype=/head_dim= to check others)"
-    ]
-    fused = FUSED.not_supported_reasons(inputs)
-    if fused:
-        reasons += assumed + [f"the fused path cannot run these inputs ({'; '.join(fused)})"]
-        return AutoChoice("standard", tuple(reasons), inputs)
-    reasons += assumed + [f"CUDA GPU and the fused path ({FUSED.kernel.name} per block) supports the inputs"]
-    return AutoChoice("improved", tuple(reasons), inputs)
+    else:
+        if dtype is None or head_dim is None:
+            reasons.append(f"assuming dtype={inputs.dtype} and head_dim={inputs.head_dim} (pass dtype=/head_dim= to "
+                           "check others)")
+        fused = FUSED.not_supported_reasons(inputs)
+        if not fused:
+            reasons.append(f"CUDA GPU and the fused path ({FUSED.kernel.name} per block) supports the inputs")
+            return AutoChoice("improved", tuple(reasons), inputs)
+        reasons.append(f"the fused path cannot run these inputs ({'; '.join(fused)})")
+    return AutoChoice("standard", tuple(reasons), inputs)
 
 
 # -- construction ----------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def attend(
         )
         return out.to(query.dtype), lse if query.dtype == torch.float64 else lse.float()
     opts = engine_options(query, args.segment_lengths, args.dilation_rates, choice, is_causal=args.is_causal,
-                          scale=args.scale, dropout_p=args.dropout_p, offsets=args.offsets, head_groups=args.head_groups)
+                          scale=args.scale, dropout_p=args.dropout_p, offsets=args.offsets,
+                          head_groups=args.head_groups)
     key_valid = None if key_padding_mask is None else ~key_padding_mask
     out, lse_bnh = run_engine(query, key, value, key_valid, opts)
     return out, lse_bnh.transpose(1, 2)

@@ -44,7 +44,7 @@ def _probes() -> list[BackendStatus]:
             for backend in backends:
                 reasons = backend.not_supported_reasons(inputs)
                 usable = not reasons and (device_type != "cuda" or torch.cuda.is_available())
-                detail = "; ".join(reasons) if reasons else ("supported" if usable else "supported, but no CUDA GPU here")
+                detail = "; ".join(reasons) or ("supported" if usable else "supported, but no CUDA GPU here")
                 rows.append(BackendStatus(f"{family}, {label}, head_dim 64", backend.name, usable, detail))
     return rows
 

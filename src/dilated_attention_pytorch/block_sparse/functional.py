@@ -158,8 +158,9 @@ def block_sparse_attention(
         return_lse: also return the log-sum-exp ``(b, h, n)`` (float32; float64 for float64 inputs).
         backend: ``"auto"`` (on a GPU the Triton kernels where they run, else FlexAttention — on GPUs
             older than Hopper FlexAttention first —, else portable), ``"flex"`` (FlexAttention, CUDA),
-            ``"triton"`` (our kernels, no compile step: CUDA, or the CPU under ``TRITON_INTERPRET=1``; float16/bfloat16) or ``"portable"``
-            (batched aten kernels over the active tiles, any device and dtype).
+            ``"triton"`` (our kernels, no compile step: CUDA, or the CPU under ``TRITON_INTERPRET=1``;
+            float16/bfloat16) or ``"portable"`` (batched aten kernels over the active tiles, any device and
+            dtype); the table of what each supports: ``python -m dilated_attention_pytorch info``.
 
     Rows that see no key get zeros, LSE ``-inf`` and no gradient. Layout-derived metadata (index plans,
     block masks) is cached in :data:`~dilated_attention_pytorch.block_sparse.cache.METADATA_CACHE`,

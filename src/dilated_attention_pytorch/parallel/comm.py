@@ -141,9 +141,9 @@ def wait_transfers(works: Sequence[tuple[Any, str]], what: str, timeout_s: float
     see :func:`wait_bounded`; stream-ordered on a GPU (NCCL), where the host goes on queueing work.
 
     A bounded wait on a GPU (``Work.wait(timeout)``) blocks the host until each transfer has finished,
-    polling every millisecond (idle GPU time per wait: BENCHMARKS.md), so there these waits are bounded by the process group's own timeout instead (``init_process_group`` /
-    ``new_group(timeout=...)``), which NCCL's watchdog enforces by aborting with an error that names the
-    collective.
+    polling every millisecond (idle GPU time per wait: BENCHMARKS.md), so there these waits are bounded
+    by the process group's own timeout instead (``init_process_group`` / ``new_group(timeout=...)``),
+    which NCCL's watchdog enforces by aborting with an error that names the collective.
     """
     if device.type == "cpu":
         wait_bounded(works, what, timeout_s)
@@ -216,9 +216,7 @@ def _canonical(value: Any) -> str:
         return str(value)
     if isinstance(value, (list, tuple, torch.Size)):
         return "(" + ", ".join(_canonical(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-    if isinstance(value, float):
-        return repr(value)  # round-trips exactly
-    return repr(value)
+    return repr(value)  # a float's repr round-trips exactly
 
 
 def call_settings(query: Any, key: Any, **settings: Any) -> dict[str, Any]:
