@@ -15,7 +15,7 @@ from .cache import METADATA_CACHE, layout_digest, tensor_bytes
 from .flex import flex_block_sparse_attention, flex_reasons, layout_block_mask
 from .plan import BlockPlan, build_plan
 from .portable import portable_block_sparse_attention
-from .triton_path import layout_lists, triton_block_sparse_attention, triton_reasons
+from .triton_path import triton_block_sparse_attention, triton_reasons
 
 __all__ = ["BACKENDS", "block_sparse_attention", "block_sparse_backend", "check_layout", "plan_for_layout"]
 
@@ -58,13 +58,6 @@ def _flex_mask(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: b
     key = ("flex", layout_digest(layout), tuple(layout.shape), seq_len, block_size, is_causal, str(layout.device))
     return METADATA_CACHE.get_or_create(
         key, lambda: layout_block_mask(layout, seq_len, block_size, is_causal), tensor_bytes
-    )
-
-
-def _triton_lists(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: bool):
-    key = ("triton", layout_digest(layout), tuple(layout.shape), seq_len, block_size, is_causal, str(layout.device))
-    return METADATA_CACHE.get_or_create(
-        key, lambda: layout_lists(layout, seq_len, block_size, is_causal), tensor_bytes
     )
 
 
@@ -142,7 +135,7 @@ def block_sparse_attention(
     chosen = block_sparse_backend(query, block_size, backend)
     if chosen == "triton":
         out, lse = triton_block_sparse_attention(
-            query, key, value, _triton_lists(layout, n, block_size, is_causal), block_size=block_size,
+            query, key, value, layout, block_size=block_size,
             is_causal=is_causal, scale=scale,
         )
     elif chosen == "flex":
