@@ -22,7 +22,6 @@ from dilated_attention_pytorch.block_sparse.flex import flex_block_sparse_attent
 from dilated_attention_pytorch.block_sparse.triton_path import (
     LOADS,
     TileSettings,
-    layout_lists,
     tile_settings,
     triton_block_sparse_attention,
 )
@@ -62,7 +61,6 @@ def main() -> None:
         prob = block_sparse_problem(n, head_dim=d)
         q, k, v, g, density, bs = prob.q, prob.k, prob.v, prob.grad, prob.density, prob.block_size
         block_mask = layout_block_mask(prob.layout, n, bs, False)
-        lists = layout_lists(prob.layout, n, bs, False)
 
         def runner(attend):
             def fwd() -> torch.Tensor:
@@ -92,7 +90,7 @@ def main() -> None:
                 continue
             tiles = TileSettings(**{**tile_settings(d, dev).__dict__, **SETTINGS[name]})
             fwd, fwdbwd = runner(lambda: triton_block_sparse_attention(
-                q, k, v, lists, block_size=bs, is_causal=False, scale=d**-0.5,
+                q, k, v, prob.layout, block_size=bs, is_causal=False, scale=d**-0.5,
                 loads=None if loads == "auto" else loads, tiles=tiles))
             rec = dict(n=n, d=d, setting=f"{name} {loads}", tiles=tiles.__dict__, density=density,
                        dense_fwdbwd_ms=dense_ms)

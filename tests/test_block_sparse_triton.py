@@ -129,7 +129,7 @@ def test_walks_from_later_list_entries_cover_every_block(causal, backward):
     g = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     ql, kl, vl = (x.detach().to(DTYPES[-1]).requires_grad_() for x in (q, k, v))
-    out, _ = triton_block_sparse_attention(ql, kl, vl, lists, block_size=bs, is_causal=causal, scale=16**-0.5,
+    out, _ = triton_block_sparse_attention(ql, kl, vl, layout, block_size=bs, is_causal=causal, scale=16**-0.5,
                                            tiles=tiles)
     grads = torch.autograd.grad(out, (ql, kl, vl), g.to(out.dtype))
     qp, kp, vp = (x.detach().to(DTYPES[-1]).requires_grad_() for x in (q, k, v))
@@ -166,7 +166,7 @@ def check_against_reference(dtype, b, n, h, h_kv, d, causal, bs, lh, loads, lse_
 
     ref_grads = torch.autograd.grad(loss_of(ref, ref_lse), (q, k, v))
     ql, kl, vl = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
-    out, lse = triton_block_sparse_attention(ql, kl, vl, layout_lists(layout, n, bs, causal), block_size=bs,
+    out, lse = triton_block_sparse_attention(ql, kl, vl, layout, block_size=bs,
                                              is_causal=causal, scale=d**-0.5, loads=loads, tiles=tiles)
     grads = torch.autograd.grad(loss_of(out, lse), (ql, kl, vl))
     qp, kp, vp = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
@@ -201,10 +201,9 @@ def test_gradients_are_bit_reproducible():
     layout[:, 0, 0] = True
     q, k, v = rand_qkv(1, n, h, 2, 32, dtype=DTYPES[-1], device=DEVICE)
     g = torch.randn_like(q)
-    lists = layout_lists(layout, n, bs, True)
 
     def grads(tiles=None):
-        out, _ = triton_block_sparse_attention(q, k, v, lists, block_size=bs, is_causal=True, scale=0.2, tiles=tiles)
+        out, _ = triton_block_sparse_attention(q, k, v, layout, block_size=bs, is_causal=True, scale=0.2, tiles=tiles)
         return torch.autograd.grad(out, (q, k, v), g)
 
     for tiles in (None, with_backward(False)):
@@ -235,11 +234,11 @@ def test_lists_split_full_and_partial_blocks():
 
 def test_loads_errors():
     q = torch.randn(2, 200, 2, 24, dtype=torch.float16, device=DEVICE)
-    lists = layout_lists(torch.ones(1, 2, 2, dtype=torch.bool, device=DEVICE), 200, 128, False)
+    layout = torch.ones(1, 2, 2, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="loads must be None or one of"):
-        triton_block_sparse_attention(q, q, q, lists, block_size=128, is_causal=False, scale=1.0, loads="tma")
+        triton_block_sparse_attention(q, q, q, layout, block_size=128, is_causal=False, scale=1.0, loads="tma")
     with pytest.raises(ValueError, match="loads='descriptors-2d' is not possible for these inputs"):
-        triton_block_sparse_attention(q, q, q, lists, block_size=128, is_causal=False, scale=1.0, loads="descriptors-2d")
+        triton_block_sparse_attention(q, q, q, layout, block_size=128, is_causal=False, scale=1.0, loads="descriptors-2d")
 
 
 def test_reasons():

@@ -122,5 +122,7 @@ def flex_block_sparse_attention(
     """-> (out (b, n, h, d), lse (b, h, n) float32). ``block_mask`` from :func:`layout_block_mask`;
     ``kernel_options`` are FlexAttention's (tile sizes, warps, stages), default
     :func:`default_kernel_options`."""
-    return _compiled_attend()(query, key, value, block_mask, scale,
-                              default_kernel_options(query) if kernel_options is None else kernel_options)
+    # traced code calls _attend itself (the graph being compiled holds it; no cached call in the trace)
+    attend = _attend if torch.compiler.is_compiling() else _compiled_attend()
+    return attend(query, key, value, block_mask, scale,
+                  default_kernel_options(query) if kernel_options is None else kernel_options)

@@ -19,7 +19,7 @@ from .cache import METADATA_CACHE, layout_digest, tensor_bytes
 from .flex import FLEX, flex_block_sparse_attention, layout_block_mask
 from .plan import BlockPlan, build_plan
 from .portable import portable_block_sparse_attention
-from .triton_path import TRITON, layout_lists, triton_block_sparse_attention
+from .triton_path import TRITON, triton_block_sparse_attention
 
 __all__ = ["BACKENDS", "SPARSE_BACKENDS", "SparseArgs", "attend", "block_sparse_attention", "block_sparse_backend",
            "check_layout", "plan_for_layout", "sparse_args"]
@@ -67,13 +67,6 @@ def _flex_mask(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: b
     key = ("flex", layout_digest(layout), tuple(layout.shape), seq_len, block_size, is_causal, str(layout.device))
     return METADATA_CACHE.get_or_create(
         key, lambda: layout_block_mask(layout, seq_len, block_size, is_causal), tensor_bytes
-    )
-
-
-def _triton_lists(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: bool):
-    key = ("triton", layout_digest(layout), tuple(layout.shape), seq_len, block_size, is_causal, str(layout.device))
-    return METADATA_CACHE.get_or_create(
-        key, lambda: layout_lists(layout, seq_len, block_size, is_causal), tensor_bytes
     )
 
 
@@ -132,7 +125,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: 
     bs, causal = args.block_size, args.is_causal
     chosen = _choose(query, bs, args.backend)
     if chosen == "triton":
-        return triton_block_sparse_attention(query, key, value, _triton_lists(layout, n, bs, causal), block_size=bs,
+        return triton_block_sparse_attention(query, key, value, layout, block_size=bs,
                                              is_causal=causal, scale=args.scale)
     if chosen == "flex":
         return flex_block_sparse_attention(query, key, value, _flex_mask(layout, n, bs, causal), scale=args.scale)

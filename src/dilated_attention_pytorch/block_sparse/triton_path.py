@@ -1,9 +1,12 @@
-"""The Triton path: block-sparse kernels of our own, with an exact backward, launched straight from an
-``autograd.Function`` (no graph compiler between the call and the kernels).
+"""The Triton path: block-sparse kernels of our own, with an exact backward, registered as the
+``torch.library`` custom ops ``dilated_attention::block_sparse_fwd`` and ``::block_sparse_bwd`` (with
+fake implementations, so ``torch.compile(fullgraph=True)`` keeps them in its graph) and joined by an
+``autograd.Function`` that takes only tensors and hashable settings.
 
 Time is proportional to the active blocks: each query tile walks the key blocks of its layout row and
 each key tile of the backward the query blocks of its layout column. The layout's lists (built once per
-layout and cached like every layout-derived structure) hold block indices only. On Hopper with aligned
+layout and cached like every layout-derived structure, looked up inside the op from the layout tensor)
+hold block indices only. On Hopper with aligned
 inputs the tiles are loaded through tensor descriptors (the bulk copy engine); elsewhere through
 pointer loads (:data:`LOADS`). The kernels also run on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check
 them).
@@ -13,16 +16,17 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass
 from typing import Optional
 
 import torch
 
 from ..capabilities import Backend, Support
 from ..kernels import BlockInputs
+from .cache import METADATA_CACHE, layout_digest, tensor_bytes
 
-__all__ = ["LOADS", "TRITON", "TileSettings", "TritonLists", "layout_lists", "start_phases", "tile_settings",
-           "triton_block_sparse_attention", "triton_reasons"]
+__all__ = ["BWD_OP", "FWD_OP", "LOADS", "TRITON", "TileSettings", "TritonLists", "layout_lists", "start_phases",
+           "tile_settings", "triton_block_sparse_attention", "triton_reasons"]
 
 TRITON_TILE = 128  # the layout's blocks must be whole multiples of the kernels' largest tile
 
@@ -46,8 +50,7 @@ class TritonLists:
     """Per layout head (1 or h): for each query block, the key blocks it sees (``kv_*``), and for each
     key block, the query blocks that see it (``q_*``); each split into *partial* blocks (a token mask
     applies: the causal diagonal, the last key block when ``n % block_size != 0``) and *full* ones.
-    ``*_num`` are ``(H, nb)`` int32 counts; ``*_idx`` ``(H, nb, width)`` int32, ascending, all one width.
-    ``phases`` holds each launch configuration's program phases (:func:`start_phases`), made on first use."""
+    ``*_num`` are ``(H, nb)`` int32 counts; ``*_idx`` ``(H, nb, width)`` int32, ascending, all one width."""
 
     kv_part_num: torch.Tensor
     kv_part_idx: torch.Tensor
@@ -58,7 +61,6 @@ class TritonLists:
     q_full_num: torch.Tensor
     q_full_idx: torch.Tensor
     active_blocks: int
-    phases: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def layout_lists(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: bool) -> TritonLists:
@@ -137,8 +139,6 @@ def _loads_for(loads: Optional[str], *tensors: torch.Tensor) -> int:
     16-byte aligned base and 16-byte multiples of strides; 2-d ones also a power-of-2 head dim, a dense
     ``(b, n, heads, d)`` layout and, for b > 1, n a multiple of 128). Naming a kind asks for it (also
     in the interpreter) and raises where the inputs do not allow it."""
-    if loads is not None and loads not in LOADS:
-        raise ValueError(f"loads must be None or one of {LOADS}, but got {loads!r}")
     if loads == "pointers":
         return 0
     t0 = tensors[0]
@@ -176,11 +176,23 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, lists: TritonLists, block_size: int, is_causal: bool, scale: float, loads: Optional[str],
+def _metadata(layout: torch.Tensor, seq_len: int, block_size: int, is_causal: bool) -> tuple[tuple, TritonLists]:
+    """(cache key, :func:`layout_lists`) of a layout, from the metadata LRU (keyed by its content)."""
+    key = ("triton", layout_digest(layout), tuple(layout.shape), seq_len, block_size, is_causal, str(layout.device))
+    return key, METADATA_CACHE.get_or_create(
+        key, lambda: layout_lists(layout, seq_len, block_size, is_causal), tensor_bytes)
+
+
+def _cached(key: tuple, make) -> torch.Tensor:
+    return METADATA_CACHE.get_or_create(key, make, tensor_bytes)
+
+
+def _forward(q, k, v, layout, block_size: int, is_causal: bool, scale: float, loads: Optional[str],
              ts: TileSettings):
     from ._triton_kernels import block_sparse_fwd
 
     b, n, h, d = q.shape
+    key, lists = _metadata(layout, n, block_size, is_causal)
     group = h // k.shape[2]
     dp = max(16, 1 << (d - 1).bit_length())
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -194,7 +206,8 @@ def _forward(q, k, v, lists: TritonLists, block_size: int, is_causal: bool, scal
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         lists.kv_part_num, lists.kv_part_idx, lists.kv_full_num, lists.kv_full_idx,
         lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
-        _fwd_phases(lists, b, h, n, block_size, ts, q.device) if ts.align else lse,
+        _cached(key + ("fwd", b, h, ts), lambda: _fwd_phases(lists, b, h, n, block_size, ts, q.device))
+        if ts.align else lse,
         n, d, h, group, layout_head, scale * math.log2(math.e),
         IS_CAUSAL=is_causal, BLOCK_M=ts.fwd_m, BLOCK_N=ts.fwd_n, DP=dp, SPARSE_BLOCK=block_size, USE_TMA=mode,
         ALIGN=ts.align,
@@ -203,11 +216,12 @@ def _forward(q, k, v, lists: TritonLists, block_size: int, is_causal: bool, scal
     return out, lse
 
 
-def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int, is_causal: bool, scale: float,
+def _backward(q, k, v, out, lse, dout, dlse, layout, block_size: int, is_causal: bool, scale: float,
               loads: Optional[str], ts: TileSettings):
     from ._triton_kernels import block_sparse_bwd, block_sparse_row_sums
 
     b, n, h, d = q.shape
+    key, lists = _metadata(layout, n, block_size, is_causal)
     h_kv = k.shape[2]
     group = h // h_kv
     dp = max(16, 1 << (d - 1).bit_length())
@@ -241,7 +255,9 @@ def _backward(q, k, v, out, lse, dout, dlse, lists: TritonLists, block_size: int
             lists.kv_part_num, lists.kv_part_idx, lists.kv_full_num, lists.kv_full_idx,
             lists.q_part_num, lists.q_part_idx, lists.q_full_num, lists.q_full_idx,
             lists.kv_full_num.stride(0), lists.kv_full_idx.stride(0), lists.kv_full_idx.stride(1),
-            _bwd_phases(lists, b, h, h_kv, n, block_size, ts, which, q.device) if ts.align else delta,
+            _cached(key + ("bwd", which, b, h, h_kv, ts),
+                    lambda: _bwd_phases(lists, b, h, h_kv, n, block_size, ts, which, q.device))
+            if ts.align else delta,
             n, d, h, h_kv, group, layout_head, scale * math.log2(math.e), scale,
             0 if which == "q" else kv_tiles, q_tiles,
             IS_CAUSAL=is_causal, BLOCK_M1=ts.bwd_m1, BLOCK_N1=ts.bwd_n1, BLOCK_M2=ts.bwd_m2, BLOCK_N2=ts.bwd_n2,
@@ -310,77 +326,113 @@ def _per_head(num: torch.Tensor, h: int) -> torch.Tensor:
 
 def _fwd_phases(lists: TritonLists, b: int, h: int, n: int, block_size: int, ts: TileSettings,
                 device: torch.device) -> torch.Tensor:
-    slots = _slots(device)
-    key = ("fwd", b, h, n, block_size, ts.fwd_m, ts.fwd_n, slots)
-    if key not in lists.phases:
-        rows = torch.arange(_cdiv(n, ts.fwd_m), device=lists.kv_full_num.device) * ts.fwd_m // block_size
-        blocks = _per_head(lists.kv_part_num + lists.kv_full_num, h)[:, rows].double()  # (h, q tiles)
-        work = (blocks * (block_size // ts.fwd_n) + 1).repeat(b, 1).flatten()  # + 1: the program's own loads
-        lists.phases[key] = start_phases(work, torch.zeros(work.numel(), dtype=torch.long), slots)
-    return lists.phases[key]
+    """Phases of the forward's programs (:func:`start_phases`)."""
+    rows = torch.arange(_cdiv(n, ts.fwd_m), device=lists.kv_full_num.device) * ts.fwd_m // block_size
+    blocks = _per_head(lists.kv_part_num + lists.kv_full_num, h)[:, rows].double()  # (h, q tiles)
+    work = (blocks * (block_size // ts.fwd_n) + 1).repeat(b, 1).flatten()  # + 1: the program's own loads
+    return start_phases(work, torch.zeros(work.numel(), dtype=torch.long), _slots(device))
 
 
 def _bwd_phases(lists: TritonLists, b: int, h: int, h_kv: int, n: int, block_size: int, ts: TileSettings,
                 which: str, device: torch.device) -> torch.Tensor:
     """Phases of a backward launch of dK/dV programs (``which`` "kv"), dQ programs ("q") or both."""
-    slots = _slots(device)
-    key = ("bwd", which, b, h, h_kv, n, block_size, ts.bwd_m1, ts.bwd_n1, ts.bwd_m2, ts.bwd_n2, slots)
-    if key not in lists.phases:
-        group = h // h_kv
-        dev = lists.kv_full_num.device
-        # work in products of tiles: dK/dV steps make 4 of m1 x n1, dQ steps 3 of m2 x n2
-        cols = torch.arange(_cdiv(n, ts.bwd_n1), device=dev) * ts.bwd_n1 // block_size
-        per_col = _per_head(lists.q_part_num + lists.q_full_num, h)[:, cols].double()  # (h, kv tiles)
-        kv_work = per_col.view(h_kv, group, -1).sum(1) * (block_size // ts.bwd_m1) * 4
-        kv_work = (kv_work + 1) * ts.bwd_m1 * ts.bwd_n1  # (h_kv, kv tiles)
-        parts, kinds = [], []
-        if which != "q":
-            parts.append(kv_work)
-            kinds.append(torch.zeros_like(kv_work, dtype=torch.long))
-        if which != "kv":
-            rows = torch.arange(_cdiv(n, ts.bwd_m2), device=dev) * ts.bwd_m2 // block_size
-            per_row = _per_head(lists.kv_part_num + lists.kv_full_num, h)[:, rows].double()  # (h, q tiles)
-            q_work = (per_row * (block_size // ts.bwd_n2) * 3 + 1) * ts.bwd_m2 * ts.bwd_n2
-            parts.append(q_work.reshape(h_kv, -1))  # (h_kv, group * q tiles): the programs of each kv head
-            kinds.append(torch.ones_like(parts[-1], dtype=torch.long))
-        work = torch.cat(parts, 1).repeat(b, 1).flatten()
-        kind = torch.cat(kinds, 1).repeat(b, 1).flatten()
-        lists.phases[key] = start_phases(work, kind, slots)
-    return lists.phases[key]
+    group = h // h_kv
+    dev = lists.kv_full_num.device
+    # work in products of tiles: dK/dV steps make 4 of m1 x n1, dQ steps 3 of m2 x n2
+    cols = torch.arange(_cdiv(n, ts.bwd_n1), device=dev) * ts.bwd_n1 // block_size
+    per_col = _per_head(lists.q_part_num + lists.q_full_num, h)[:, cols].double()  # (h, kv tiles)
+    kv_work = per_col.view(h_kv, group, -1).sum(1) * (block_size // ts.bwd_m1) * 4
+    kv_work = (kv_work + 1) * ts.bwd_m1 * ts.bwd_n1  # (h_kv, kv tiles)
+    parts, kinds = [], []
+    if which != "q":
+        parts.append(kv_work)
+        kinds.append(torch.zeros_like(kv_work, dtype=torch.long))
+    if which != "kv":
+        rows = torch.arange(_cdiv(n, ts.bwd_m2), device=dev) * ts.bwd_m2 // block_size
+        per_row = _per_head(lists.kv_part_num + lists.kv_full_num, h)[:, rows].double()  # (h, q tiles)
+        q_work = (per_row * (block_size // ts.bwd_n2) * 3 + 1) * ts.bwd_m2 * ts.bwd_n2
+        parts.append(q_work.reshape(h_kv, -1))  # (h_kv, group * q tiles): the programs of each kv head
+        kinds.append(torch.ones_like(parts[-1], dtype=torch.long))
+    work = torch.cat(parts, 1).repeat(b, 1).flatten()
+    kind = torch.cat(kinds, 1).repeat(b, 1).flatten()
+    return start_phases(work, kind, _slots(device))
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _settings(tiles: list[int]) -> TileSettings:
+    return TileSettings(*tiles[:10], bool(tiles[10]), bool(tiles[11]))
+
+
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int,
+            is_causal: bool, scale: float, loads: Optional[str], tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dilated_attention::block_sparse_fwd``: (out (b, n, h, d) contiguous, lse (b, h, n) float32). The
+    layout's lists and the programs' phases come from the metadata LRU; ``tiles`` is a
+    :class:`TileSettings` as ints."""
+    return _forward(q, k, v, layout, block_size, is_causal, scale, loads, _settings(tiles))
+
+
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            dout: torch.Tensor, dlse: Optional[torch.Tensor], layout: torch.Tensor, block_size: int, is_causal: bool,
+            scale: float, loads: Optional[str], tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dilated_attention::block_sparse_bwd``: (dq, dk, dv), contiguous; ``dlse`` None: no LSE gradient."""
+    return _backward(q, k, v, out, lse, dout, dlse, layout, block_size, is_causal, scale, loads, _settings(tiles))
+
+
+FWD_OP = torch.library.custom_op("dilated_attention::block_sparse_fwd", _fwd_op, mutates_args=())
+BWD_OP = torch.library.custom_op("dilated_attention::block_sparse_bwd", _bwd_op, mutates_args=())
+
+
+@FWD_OP.register_fake
+def _(q, k, v, layout, block_size, is_causal, scale, loads, tiles):
+    b, n, h, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(b, h, n, dtype=torch.float32)
+
+
+@BWD_OP.register_fake
+def _(q, k, v, out, lse, dout, dlse, layout, block_size, is_causal, scale, loads, tiles):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
 class _BlockSparseTriton(torch.autograd.Function):
+    """The two ops as one differentiable call. Eager calls run the ops' Python bodies directly (the
+    dispatcher's round trip into a Python op costs tens of microseconds of host time); traced code
+    calls the ops, which a compiled graph then holds."""
+
     @staticmethod
-    def forward(ctx, q, k, v, lists, block_size, is_causal, scale, loads, tiles):
+    def forward(ctx, q, k, v, layout, block_size, is_causal, scale, loads, tiles):
         q, k, v = (_unit_last(x) for x in (q, k, v))
-        out, lse = _forward(q, k, v, lists, block_size, is_causal, scale, loads, tiles)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.settings = (lists, block_size, is_causal, scale, loads, tiles)
+        settings = (layout, block_size, is_causal, scale, loads, list(tiles))
+        out, lse = (FWD_OP if torch.compiler.is_compiling() else _fwd_op)(q, k, v, *settings)
+        ctx.save_for_backward(q, k, v, out, lse, layout)
+        ctx.settings = settings[1:]
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, layout = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, *ctx.settings)
-        return dq, dk, dv, None, None, None, None, None, None
+        bwd = BWD_OP if torch.compiler.is_compiling() else _bwd_op
+        return *bwd(q, k, v, out, lse, dout, dlse, layout, *ctx.settings), None, None, None, None, None, None
 
 
 def triton_block_sparse_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lists: TritonLists, *, block_size: int,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: torch.Tensor, *, block_size: int,
     is_causal: bool, scale: float, loads: Optional[str] = None, tiles: Optional[TileSettings] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (out (b, n, h, d), lse (b, h, n) float32). ``lists`` from :func:`layout_lists`. ``loads``:
-    how tiles are loaded, one of :data:`LOADS` or None for the best the device and inputs allow
-    (see :func:`_loads_for`). ``tiles``: launch settings, default :func:`tile_settings`."""
+    """-> (out (b, n, h, d), lse (b, h, n) float32). ``layout``: a validated bool ``(H, nb, nb)`` layout
+    (its :func:`layout_lists` are made once and cached). ``loads``: how tiles are loaded, one of
+    :data:`LOADS` or None for the best the device and inputs allow (see :func:`_loads_for`). ``tiles``:
+    launch settings, default :func:`tile_settings`."""
+    if loads is not None and loads not in LOADS:
+        raise ValueError(f"loads must be None or one of {LOADS}, but got {loads!r}")
     if tiles is None:
         tiles = tile_settings(query.shape[-1], query.device)
     if block_size % max(tiles.fwd_m, tiles.fwd_n, tiles.bwd_m1, tiles.bwd_n1, tiles.bwd_m2, tiles.bwd_n2):
         raise ValueError(f"block_size ({block_size}) must be a multiple of every tile of {tiles}")
-    return _BlockSparseTriton.apply(query, key, value, lists, block_size, is_causal, scale, loads, tiles)
+    return _BlockSparseTriton.apply(query, key, value, layout, block_size, is_causal, scale, loads,
+                                    tuple(int(x) for x in astuple(tiles)))

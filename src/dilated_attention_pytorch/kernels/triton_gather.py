@@ -6,7 +6,9 @@ dtype — each block output is read once, nothing is read-modified-written.
 
 Block outputs stay where the block kernel put them; the kernel finds each row through a table of
 block base pointers and strides and a table of ``(offset, head position, block ids)`` per pattern and
-head. Runs on the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check it).
+head. Registered as the ``torch.library`` custom op ``dilated_attention::gather_merge`` (it writes
+``target`` and ``lse_target``; a fake implementation lets ``torch.compile`` keep it in its graph). Runs on
+the CPU under ``TRITON_INTERPRET=1`` (how the CPU tests check it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["gather_blocks", "triton_available"]
+__all__ = ["GATHER_OP", "gather_blocks", "triton_available"]
 
 
 def triton_available() -> bool:
@@ -45,6 +47,39 @@ def _tables(blocks: Sequence, num_heads: int, m_len: int, segments: tuple, dilat
     return pat, head
 
 
+def _gather(target: torch.Tensor, lse_target: torch.Tensor, sources: list[torch.Tensor], lses: list[torch.Tensor],
+            tables: list[int], num_heads: int, num_patterns: int, block_t: int, num_warps: int) -> None:
+    """``dilated_attention::gather_merge``: the kernel's launch. ``sources`` unit stride in D, ``lses``
+    float32, ``tables`` the pattern table then the head table of :func:`_tables`, flattened."""
+    b, m_len, h_t, d = target.shape
+    nb = len(sources)
+    # every table in one int64 buffer, copied without blocking the host (a blocking copy would drain
+    # the queue of block kernels before each gather)
+    values = [s.data_ptr() for s in sources] + [x for s in sources for x in s.stride()[:3]]
+    values += [x.data_ptr() for x in lses] + [x for t in lses for x in t.stride()[:3]]
+    packed = torch.tensor(values + tables, dtype=torch.int64)
+    if target.device.type == "cuda":
+        packed = packed.pin_memory().to(target.device, non_blocking=True)
+    src_tab, src_strides = packed[:nb], packed[nb : 4 * nb]
+    lse_tab, lse_strides = packed[4 * nb : 5 * nb], packed[5 * nb : 8 * nb]
+    pat_t, head_t = packed[8 * nb : 8 * nb + 3 * num_patterns], packed[8 * nb + 3 * num_patterns :]
+    block_d = max(16, 1 << (d - 1).bit_length())
+    grid = ((m_len + block_t - 1) // block_t, h_t, b)
+    _kernel()[grid](
+        target, lse_target, src_tab, src_strides, lse_tab, lse_strides, pat_t, head_t,
+        m_len, num_heads, num_patterns, d, *target.stride()[:3], *lse_target.stride(),
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+    )
+
+
+GATHER_OP = torch.library.custom_op("dilated_attention::gather_merge", _gather, mutates_args=("target", "lse_target"))
+
+
+@GATHER_OP.register_fake
+def _(target, lse_target, sources, lses, tables, num_heads, num_patterns, block_t, num_warps) -> None:
+    return None
+
+
 def gather_blocks(
     target: torch.Tensor,
     lse_target: torch.Tensor,
@@ -63,30 +98,14 @@ def gather_blocks(
 
     ``sources[i]`` is block ``i``'s kernel-layout output ``(B, H', L, D)`` and ``lses[i]`` its LSE
     ``(B, H', L)``. ``block_t`` (rows per program) and ``num_warps`` are the launch's tile settings.
+    Eager calls run the op's Python body directly (the dispatcher's round trip into a Python op costs
+    tens of microseconds of host time); traced code calls the op, which a compiled graph then holds.
     """
-    b, m_len, h_t, d = target.shape
-    dev = target.device
-    pat, head = _tables(blocks, num_heads, m_len, segments, dilations)
-    sources = [s if s.stride(-1) == 1 else s.contiguous() for s in sources]
-    lses = [x.float() for x in lses]
-    nb = len(sources)
-    # every table in one int64 buffer, copied without blocking the host (a blocking copy would drain
-    # the queue of block kernels before each gather)
-    values = [s.data_ptr() for s in sources] + [x for s in sources for x in s.stride()[:3]]
-    values += [x.data_ptr() for x in lses] + [x for t in lses for x in t.stride()[:3]]
-    values += [x for row in pat for x in row] + [x for rows in head for row in rows for x in row]
-    packed = torch.tensor(values, dtype=torch.int64)
-    if dev.type == "cuda":
-        packed = packed.pin_memory().to(dev, non_blocking=True)
-    src_tab, src_strides = packed[:nb], packed[nb : 4 * nb]
-    lse_tab, lse_strides = packed[4 * nb : 5 * nb], packed[5 * nb : 8 * nb]
-    pat_t, head_t = packed[8 * nb : 8 * nb + 3 * len(pat)], packed[8 * nb + 3 * len(pat) :]
-    block_d = max(16, 1 << (d - 1).bit_length())
+    pat, head = _tables(blocks, num_heads, target.shape[1], segments, dilations)
+    tables = [x for row in pat for x in row] + [x for rows in head for row in rows for x in row]
     if block_t is None:
-        block_t = 32 if block_d <= 128 else 16
-    grid = ((m_len + block_t - 1) // block_t, h_t, b)
-    _kernel()[grid](
-        target, lse_target, src_tab, src_strides, lse_tab, lse_strides, pat_t, head_t,
-        m_len, num_heads, len(segments), d, *target.stride()[:3], *lse_target.stride(),
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        block_t = 32 if target.shape[-1] <= 128 else 16  # fewer rows for wide heads (registers)
+    (GATHER_OP if torch.compiler.is_compiling() else _gather)(
+        target, lse_target, [s if s.stride(-1) == 1 else s.contiguous() for s in sources],
+        [x.float() for x in lses], tables, num_heads, len(segments), block_t, num_warps,
     )
