@@ -6,10 +6,11 @@ from ..capabilities import first_supported
 from .aten import CpuFlashKernel, CudaFlashKernel, CudnnKernel
 from .base import BlockInputs, BlockKernel, NoKernelError, acc_dtype
 from .math import MathKernel
+from .triton_gather import gather_blocks  # registers the gather-merge custom op (imports no triton)
 
 __all__ = [
     "BlockInputs", "BlockKernel", "FUSED_KERNELS", "KERNELS", "NoKernelError", "acc_dtype", "choose_kernel",
-    "kernel_reasons",
+    "gather_blocks", "kernel_reasons",
 ]
 
 # The portable path's kernels, in order of preference: the first with no reasons against it runs.
