@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .kernels import BlockInputs, BlockKernel, acc_dtype
+from .lru import LRUCache
 from .patterns import OffsetRule, RowSpan, pattern_groups, row_spans
 
 __all__ = ["Block", "EngineOptions", "chunk_bounds", "plan_blocks", "run_engine"]
@@ -71,29 +72,31 @@ class _ViewMemo:
 
     At short sequences the chains (narrow, unflatten, slice, diagonal, transpose: about ten ops per
     tensor and block) cost more host time than the kernels they feed. A chain whose result is a copy
-    (an ``index_select``, a ``contiguous``) is not remembered and runs every time. Bounded; entries are
-    a few integers.
+    (an ``index_select``, a ``contiguous``) is remembered as such and runs every time. A bounded,
+    thread-safe LRU (:class:`~dilated_attention_pytorch.lru.LRUCache`); entries are a few integers.
     """
 
     def __init__(self, maxsize: int = 1 << 14) -> None:
-        self.maxsize = maxsize
-        self._specs: dict = {}
+        self._specs: LRUCache = LRUCache(maxsize)
 
     def __call__(self, x: torch.Tensor, key: tuple, build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced once into the graph: nothing to save
             return build(x)
-        k = (key, x.shape, x.stride())
-        spec = self._specs.get(k)
-        if spec is not None:
-            return x.as_strided(spec[0], spec[1], x.storage_offset() + spec[2])
-        y = build(x)
-        if k not in self._specs:
-            if len(self._specs) >= self.maxsize:
-                self._specs.clear()
-            same = y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and y.numel() > 0
-            if same:
-                self._specs[k] = (y.shape, y.stride(), y.storage_offset() - x.storage_offset())
-        return y
+        built: list[torch.Tensor] = []
+
+        def make() -> Optional[tuple]:
+            y = build(x)
+            built.append(y)
+            if y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() or y.numel() == 0:
+                return None  # a copy: nothing to remember but that
+            return y.shape, y.stride(), y.storage_offset() - x.storage_offset()
+
+        spec = self._specs.get_or_create((key, x.shape, x.stride()), make)
+        if built:
+            return built[0]
+        if spec is None:
+            return build(x)
+        return x.as_strided(spec[0], spec[1], x.storage_offset() + spec[2])
 
 
 _views = _ViewMemo()
