@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from .aten import CpuFlashKernel, CudaFlashKernel, CudnnKernel
-from .base import BlockInputs, BlockKernel, NoKernelError, acc_dtype
+from .base import BlockInputs, BlockKernel, NoKernelError, acc_dtype, has_key, host_checks
 from .math import MathKernel
 
 __all__ = [
     "BlockInputs", "BlockKernel", "FUSED_KERNELS", "KERNELS", "NoKernelError", "acc_dtype", "choose_kernel",
-    "kernel_reasons",
+    "has_key", "host_checks", "kernel_reasons",
 ]
 
 # The portable path's kernels, in order of preference: the first with no reasons against it runs.

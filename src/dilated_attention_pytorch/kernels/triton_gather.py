@@ -1,8 +1,9 @@
 """A Triton kernel that gathers the outputs of all blocks of a chunk into the final tensor in one pass.
 
 For each token ``t`` and head ``j``: the merged LSE ``L = log Σ_i exp(l_i)`` over the patterns that
-cover ``(t, j)`` and the merged row ``Σ_i exp(l_i - L) · O_i`` in fp32, written once in the output
-dtype — each block output is read once, nothing is read-modified-written.
+cover ``(t, j)`` and the merged row ``Σ_i w_i O_i / Σ_i w_i`` with ``w_i = exp(l_i - max_i l_i)`` in
+fp32 (:mod:`..merge`), written once in the output dtype — each block output is read once, nothing is
+read-modified-written.
 
 Block outputs stay where the block kernel put them; the kernel finds each row through a table of
 block base pointers and strides and a table of ``(offset, head position, block ids)`` per pattern and
@@ -57,15 +58,23 @@ def gather_blocks(
     dilations: tuple[int, ...],
     block_t: Optional[int] = None,
     num_warps: int = 4,
+    stats_target: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
     """Write into ``target (b, m, h, D)`` (a strided view is fine, unit stride in D) and
     ``lse_target (b, m, h)`` (float32) the blocks' outputs merged by their log-sum-exps.
 
     ``sources[i]`` is block ``i``'s kernel-layout output ``(B, H', L, D)`` and ``lses[i]`` its LSE
     ``(B, H', L)``. ``block_t`` (rows per program) and ``num_warps`` are the launch's tile settings.
+    ``stats_target``: two float32 tensors with ``lse_target``'s shape and strides that receive the
+    merge's shift (the largest LSE, 0 where none is finite) and sum of weights, for the exact backward.
     """
     b, m_len, h_t, d = target.shape
     dev = target.device
+    if stats_target is not None and any(
+            t.shape != lse_target.shape or t.stride() != lse_target.stride() or t.dtype != torch.float32
+            for t in stats_target):
+        raise ValueError("stats_target must be two float32 tensors with lse_target's shape and strides, but got "
+                         f"{[(tuple(t.shape), t.stride(), t.dtype) for t in stats_target]}")
     pat, head = _tables(blocks, num_heads, m_len, segments, dilations)
     sources = [s if s.stride(-1) == 1 else s.contiguous() for s in sources]
     lses = [x.float() for x in lses]
@@ -85,8 +94,9 @@ def gather_blocks(
     if block_t is None:
         block_t = 32 if block_d <= 128 else 16
     grid = ((m_len + block_t - 1) // block_t, h_t, b)
+    shift_t, total_t = stats_target if stats_target is not None else (lse_target, lse_target)
     _kernel()[grid](
-        target, lse_target, src_tab, src_strides, lse_tab, lse_strides, pat_t, head_t,
+        target, lse_target, shift_t, total_t, src_tab, src_strides, lse_tab, lse_strides, pat_t, head_t,
         m_len, num_heads, len(segments), d, *target.stride()[:3], *lse_target.stride(),
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_D=block_d, WRITE_STATS=stats_target is not None, num_warps=num_warps,
     )
