@@ -9,6 +9,7 @@ fused path's Triton gather-merge (Triton's interpreter), and block-sparse ``port
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 
 import pytest
@@ -22,7 +23,7 @@ from dilated_attention_pytorch.kernels import CpuFlashKernel, MathKernel
 from dilated_attention_pytorch.merge import merge_partials
 from dilated_attention_pytorch.reference import count_matrix, reference_dilated_attention
 
-HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 ENGINES = ["portable", "math", "reference"] + (["triton-merge"] if HAS_TRITON else [])
 
 
