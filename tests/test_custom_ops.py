@@ -75,7 +75,7 @@ def _gather_reference(src, lse):
 
 
 def _gather(target, lse_target, src, lse):
-    torch.ops.dilated_attention.gather_merge(target, lse_target, src, lse, TABLES, H, 2, 32, 4)
+    torch.ops.dilated_attention.gather_merge(target, lse_target, None, None, src, lse, TABLES, H, 2, 32, 4)
 
 
 def test_gather_op_merges_by_log_sum_exp():

@@ -2,9 +2,15 @@
 
 Per pattern and offset, the rows a head covers are a strided view of the input (no gather copy); a
 block kernel runs dense attention on each block and returns its log-sum-exp; blocks are merged by
-log-sum-exp in fp32 (LongNet Eq. 10). Backward is exact through the mixing: each block's attention
-backward runs with the *merged* output and LSE, the way ring attention does, so its share of the
-gradient is that of ``softmax(scale·QKᵀ + log C)·V``.
+log-sum-exp in fp32 (LongNet Eq. 10), each weighted relative to the row's largest block LSE
+(:mod:`.merge`). Backward is exact through the mixing: each block's attention backward runs with the
+*merged* output, the way ring attention does, so its share of the gradient is that of
+``softmax(scale·QKᵀ + log C)·V``. In float32/float64 it runs with the row's largest block LSE and the
+incoming gradient divided by the row's sum of weights (:func:`.merge.backward_stats`), so that the
+rounding of the merged LSE (``ulp(lse)``, large at large logits) reaches no gradient. In float16/bfloat16
+(the fused GPU path) it runs with the merged LSE: there the scaled incoming gradient would be rounded to
+the input dtype, an error (2^-8 in bfloat16, 2^-11 in float16) above the merged LSE's (``|lse|·2^-24``)
+below ``|lse| = 2^16`` and ``2^13``, and the scaling would cost a pass over the gradient on the hot path.
 
 The sequence is processed in chunks whose boundaries are boundaries of every pattern's segments, so
 fp32 temporaries are bounded by the chunk, not by ``n``; memory is O(n·w) with no n×n matrix.
@@ -19,7 +25,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .kernels import BlockInputs, BlockKernel, acc_dtype
+from .kernels import BlockInputs, BlockKernel, acc_dtype, has_key, host_checks
+from .lru import LRUCache
+from .merge import backward_stats, lse_shift
 from .patterns import OffsetRule, RowSpan, pattern_groups, row_spans
 
 __all__ = ["Block", "EngineOptions", "chunk_bounds", "plan_blocks", "run_engine"]
@@ -71,29 +79,31 @@ class _ViewMemo:
 
     At short sequences the chains (narrow, unflatten, slice, diagonal, transpose: about ten ops per
     tensor and block) cost more host time than the kernels they feed. A chain whose result is a copy
-    (an ``index_select``, a ``contiguous``) is not remembered and runs every time. Bounded; entries are
-    a few integers.
+    (an ``index_select``, a ``contiguous``) is remembered as such and runs every time. A bounded,
+    thread-safe LRU (:class:`~dilated_attention_pytorch.lru.LRUCache`); entries are a few integers.
     """
 
     def __init__(self, maxsize: int = 1 << 14) -> None:
-        self.maxsize = maxsize
-        self._specs: dict = {}
+        self._specs: LRUCache = LRUCache(maxsize)
 
     def __call__(self, x: torch.Tensor, key: tuple, build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced once into the graph: nothing to save
             return build(x)
-        k = (key, x.shape, x.stride())
-        spec = self._specs.get(k)
-        if spec is not None:
-            return x.as_strided(spec[0], spec[1], x.storage_offset() + spec[2])
-        y = build(x)
-        if k not in self._specs:
-            if len(self._specs) >= self.maxsize:
-                self._specs.clear()
-            same = y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and y.numel() > 0
-            if same:
-                self._specs[k] = (y.shape, y.stride(), y.storage_offset() - x.storage_offset())
-        return y
+        built: list[torch.Tensor] = []
+
+        def make() -> Optional[tuple]:
+            y = build(x)
+            built.append(y)
+            if y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() or y.numel() == 0:
+                return None  # a copy: nothing to remember but that
+            return y.shape, y.stride(), y.storage_offset() - x.storage_offset()
+
+        spec = self._specs.get_or_create((key, x.shape, x.stride()), make)
+        if built:
+            return built[0]
+        if spec is None:
+            return build(x)
+        return x.as_strided(spec[0], spec[1], x.storage_offset() + spec[2])
 
 
 _views = _ViewMemo()
@@ -221,6 +231,14 @@ def _write_view(target: torch.Tensor, block: Block, heads: HeadIndex, src: torch
         _view(target, block, heads).copy_(src)
 
 
+def _add_view(target: torch.Tensor, block: Block, src: torch.Tensor) -> None:
+    """The block's rows and heads of ``target`` += ``src``."""
+    if block.diag_m is None and not isinstance(block.heads, slice):
+        _rows(target, block).index_add_(3, _index_tensor(block.heads, target.device), src.to(target.dtype))
+    else:
+        _view(target, block, block.heads).add_(src)
+
+
 def _add_view_weighted(target: torch.Tensor, block: Block, src: torch.Tensor, weight: torch.Tensor) -> None:
     """The block's rows and heads of ``target (fp32/fp64)`` += ``src * weight[..., None]``."""
     if block.diag_m is None and not isinstance(block.heads, slice):
@@ -259,13 +277,6 @@ def _block_rowwise(x: torch.Tensor, block: Block) -> torch.Tensor:
     return _block_tensor(x.unsqueeze(-1), block, block.heads).squeeze(-1)
 
 
-def _has_key(key_valid: torch.Tensor, is_causal: bool) -> torch.Tensor:
-    """(B, L) valid keys -> (B, L): whether each query row of the block sees at least one key."""
-    if is_causal:
-        return key_valid.cumsum(-1) > 0
-    return key_valid.any(-1, keepdim=True).expand_as(key_valid)
-
-
 @dataclass
 class EngineOptions:
     segment_lengths: tuple[int, ...]  # effective W_i = min(w_i, n)
@@ -294,49 +305,59 @@ def _chunks(b: int, n: int, opts: EngineOptions):
             yield bs, c0, c1, tuple(min(w, c1 - c0) for w in opts.segment_lengths)
 
 
-def _forward_chunk(q, k, v, key_valid, opts: EngineOptions, segments, chunk: int, out_target, lse_target) -> None:
-    """Attention of one chunk, written into ``out_target (b, m, h, d)`` and ``lse_target (b, m, h)``."""
+def _forward_chunk(q, k, v, key_valid, opts: EngineOptions, segments, chunk: int, out_target, lse_target,
+                   stats_target) -> None:
+    """Attention of one chunk, written into ``out_target (b, m, h, d)`` and ``lse_target (b, m, h)``, and
+    the merge's ``(shift, total)`` into ``stats_target`` when given (see :mod:`.merge`)."""
     b, m, h, d = q.shape
     acc = acc_dtype(q.dtype)
     blocks = plan_blocks(m, h, k.shape[2], segments, opts.dilation_rates, opts.offsets, opts.head_groups,
                          diagonal_blocks=key_valid is None)
-    lse_total = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device) if opts.merge == "torch" else None
+    lse_max = torch.full((b, m, h), float("-inf"), dtype=acc, device=q.device) if opts.merge == "torch" else None
     results = []
-    for bi, block in enumerate(blocks):  # phase 1: every block's attention, and the merged LSE
+    for bi, block in enumerate(blocks):  # phase 1: every block's attention, and each row's largest LSE
         kv_rows = None if key_valid is None else _rows(key_valid, block).reshape(-1, block.span.rows)
         out_b, lse_b, rng = opts.kernel.forward(
             _block_tensor(q, block, block.heads), _block_tensor(k, block, block.kv_heads),
             _block_tensor(v, block, block.kv_heads),
             key_valid=kv_rows, is_causal=opts.is_causal, scale=opts.scale, dropout_p=opts.dropout_p,
+            padding_finite=True,
         )
         opts.rng_states[chunk, bi] = rng
         lse_b = lse_b.to(acc)
         if kv_rows is not None:  # rows whose keys are all padded: no keys, whatever the kernel said
-            lse_b = lse_b.masked_fill(~_has_key(kv_rows, opts.is_causal)[:, None, :], float("-inf"))
-        if opts.merge == "torch":
-            lse_view = _view(lse_total.unsqueeze(-1), block, block.heads).squeeze(-1)
-            _write_view(lse_total.unsqueeze(-1), block, block.heads,
-                        torch.logaddexp(lse_view, _from_kernel(lse_b, b)).unsqueeze(-1))
+            lse_b = lse_b.masked_fill(~has_key(kv_rows, opts.is_causal)[:, None, :], float("-inf"))
+        if opts.merge == "torch":  # torch.maximum propagates NaN: a NaN row stays NaN
+            lse_view = _view(lse_max.unsqueeze(-1), block, block.heads).squeeze(-1)
+            _write_view(lse_max.unsqueeze(-1), block, block.heads,
+                        torch.maximum(lse_view, _from_kernel(lse_b, b)).unsqueeze(-1))
         results.append((block, out_b, lse_b))
     if opts.merge == "triton":
         from .kernels.triton_gather import gather_blocks
 
         gather_blocks(out_target, lse_target, blocks, [r[1] for r in results], [r[2] for r in results],
-                      num_heads=h, segments=tuple(segments), dilations=tuple(opts.dilation_rates))
+                      num_heads=h, segments=tuple(segments), dilations=tuple(opts.dilation_rates),
+                      stats_target=stats_target)
         return
-    finite = torch.isfinite(lse_total)
-    lse_safe = torch.where(finite, lse_total, torch.zeros_like(lse_total))
+    shift = lse_shift(lse_max)
     out = torch.zeros(b, m, h, d, dtype=acc, device=q.device)
-    for block, out_b, lse_b in results:  # phase 2: out = sum_i exp(lse_i - lse) * out_i
-        weight = torch.exp(lse_b - _block_rowwise(lse_safe, block))  # (B, H, rows)
+    total = torch.zeros(b, m, h, 1, dtype=acc, device=q.device)
+    for block, out_b, lse_b in results:  # phase 2: out = sum_i w_i out_i / sum_i w_i, w_i = exp(lse_i - max)
+        weight = torch.exp(lse_b - _block_rowwise(shift, block))  # (B, H, rows)
         _add_view_weighted(out, block, _from_kernel(out_b, b), _from_kernel(weight, b))
-    out_target.copy_(out)
-    lse_target.copy_(lse_total)
+        _add_view(total, block, _from_kernel(weight.unsqueeze(-1), b))
+    torch.div(out, total.masked_fill(total == 0, 1.0), out=out_target)  # no keys: 0 / 1
+    total = total.squeeze(-1)
+    lse_target.copy_(shift + torch.log(total))  # log(0) = -inf: no keys
+    if stats_target is not None:
+        stats_target[0].copy_(shift)
+        stats_target[1].copy_(total)
 
 
-def _backward_chunk(dout, q, k, v, out, lse, key_valid, dlse, opts: EngineOptions, segments, chunk: int, kernel,
-                    targets) -> None:
-    """Gradients of one chunk, written into ``targets = (dq, dk, dv)`` views."""
+def _backward_chunk(dout, q, k, v, out, lse, stats, key_valid, dlse, opts: EngineOptions, segments, chunk: int,
+                    kernel, targets) -> None:
+    """Gradients of one chunk, written into ``targets = (dq, dk, dv)`` views. ``stats``: the merge's
+    ``(shift, total)`` for the exact backward (see the module docstring), or None (the merged LSE)."""
     b, m, h, d = q.shape
     acc = acc_dtype(q.dtype)
     blocks = plan_blocks(m, h, k.shape[2], segments, opts.dilation_rates, opts.offsets, opts.head_groups,
@@ -354,10 +375,14 @@ def _backward_chunk(dout, q, k, v, out, lse, key_valid, dlse, opts: EngineOption
     for target, write in zip((dq, dk, dv), writes):
         if not write:
             target.zero_()
-    lse_bwd = torch.where(torch.isfinite(lse), lse, float("inf"))  # rows with no keys: P = 0
+    no_keys = lse == float("-inf")  # NaN rows are not "no keys": their NaN reaches their gradients
     delta = None
     if dlse is not None:  # d lse / d s = P: fold it into delta = rowsum(dO * O) - dlse
-        delta = (dout.to(acc) * out.to(acc)).sum(-1) - torch.where(torch.isfinite(lse), dlse, 0.0)
+        delta = (dout.to(acc) * out.to(acc)).sum(-1) - dlse.masked_fill(no_keys, 0.0)
+    if stats is None:
+        lse_bwd = lse.masked_fill(no_keys, float("inf"))  # rows with no keys: P = 0
+    else:
+        lse_bwd, dout, delta = backward_stats(*stats, dout, delta)
     lse_bwd4, delta4 = lse_bwd.unsqueeze(-1), None if delta is None else delta.unsqueeze(-1)
     for bi in order:
         block = blocks[bi]
@@ -377,6 +402,7 @@ def _backward_chunk(dout, q, k, v, out, lse, key_valid, dlse, opts: EngineOption
                 _piece_tensor(out, block, hq, piece), _piece_tensor(lse_bwd4, block, hq, piece).squeeze(-1), rng,
                 key_valid=kv_rows, is_causal=opts.is_causal, scale=opts.scale, dropout_p=opts.dropout_p,
                 delta=None if delta4 is None else _piece_tensor(delta4, block, hq, piece).squeeze(-1),
+                padding_finite=True,
             )
             for target, index, grad, write in zip((dq, dk, dv), (hq, hkv, hkv), (dq_b, dk_b, dv_b), writes):
                 _add_piece(target, block, index, piece, _from_kernel(grad, b), write=first and write)
@@ -424,20 +450,28 @@ class _EngineFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_valid, opts: EngineOptions):
         b, n, h, d = q.shape
+        acc = acc_dtype(q.dtype)
+        if key_valid is not None and not (host_checks(k) and _finite_padding(key_valid, k, v)):
+            # padded keys and values that may hold NaN or inf: zeros (once here, not once per block)
+            k, v = (x.masked_fill(~key_valid[:, :, None, None], 0.0) for x in (k, v))
         out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
-        lse = torch.empty(b, n, h, dtype=acc_dtype(q.dtype), device=q.device)
+        lse = torch.empty(b, n, h, dtype=acc, device=q.device)
+        # the merge's (shift, total) for the exact backward: float32/float64 inputs and several patterns
+        # (one pattern: shift = lse, total = 1); see the module docstring
+        exact = q.dtype == acc and len(opts.segment_lengths) > 1
+        stats = (torch.empty_like(lse), torch.empty_like(lse)) if exact else None
         for ci, (bs, c0, c1, segments) in enumerate(_chunks(b, n, opts)):
             kv_c = None if key_valid is None else key_valid[bs, c0:c1]
             _forward_chunk(q[bs, c0:c1], k[bs, c0:c1], v[bs, c0:c1], kv_c, opts, segments, ci,
-                           out[bs, c0:c1], lse[bs, c0:c1])
-        ctx.save_for_backward(q, k, v, key_valid, out, lse)
+                           out[bs, c0:c1], lse[bs, c0:c1], None if stats is None else [t[bs, c0:c1] for t in stats])
+        ctx.save_for_backward(q, k, v, key_valid, out, lse, *(stats or (None, None)))
         ctx.opts = opts
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, key_valid, out, lse = ctx.saved_tensors
+        q, k, v, key_valid, out, lse, shift, total = ctx.saved_tensors
         opts: EngineOptions = ctx.opts
         kernel = opts.kernel
         if dlse is not None and kernel.not_supported_reasons(_inputs(q, key_valid, opts.dropout_p, True)):
@@ -451,10 +485,22 @@ class _EngineFunction(torch.autograd.Function):
             sl = slice(c0, c1)
             _backward_chunk(
                 dout[bs, sl], q[bs, sl], k[bs, sl], v[bs, sl], out[bs, sl], lse[bs, sl],
+                None if shift is None else (shift[bs, sl], total[bs, sl]),
                 None if key_valid is None else key_valid[bs, sl], None if dlse is None else dlse[bs, sl],
                 opts, segments, ci, kernel, (dq[bs, sl], dk[bs, sl], dv[bs, sl]),
             )
+        if key_valid is not None:  # padded keys and values: exactly zero, even where a NaN in the real
+            padded = ~key_valid[:, :, None, None]  # inputs reached them in a block as 0 * NaN
+            dk.masked_fill_(padded, 0.0)
+            dv.masked_fill_(padded, 0.0)
         return dq, dk, dv, None, None
+
+
+def _finite_padding(key_valid: torch.Tensor, *xs: torch.Tensor) -> bool:
+    """Whether the padded rows of ``xs (b, n, ...)`` hold only finite values (a host sync; only those
+    rows are copied)."""
+    padded = ~key_valid
+    return not bool(padded.any()) or all(bool(torch.isfinite(x[padded]).all()) for x in xs)
 
 
 def _inputs(q: torch.Tensor, key_valid: Optional[torch.Tensor], dropout_p: float, needs_delta: bool) -> BlockInputs:

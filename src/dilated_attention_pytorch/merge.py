@@ -1,10 +1,39 @@
-"""The log-sum-exp merge of partial attention results: one place, used by every path."""
+"""The log-sum-exp merge of partial attention results: one place, used by every path.
+
+Partials are weighted relative to the largest LSE of a row, never relative to the merged LSE: with
+``m = max_i l_i``, ``w_i = exp(l_i - m)`` (one weight is exactly 1), ``out = Σ w_i O_i / Σ w_i`` and
+``lse = m + log Σ w_i``. The merged LSE is rounded to the dtype at the magnitude of ``m``; a weight
+``exp(l_i - lse)`` would carry that rounding (``ulp(lse)``, 5e-4 at ``|lse| = 7e3`` in float32) into
+every output, whereas ``l_i - m`` is exact when the two are close.
+
+A row with LSE ``-inf`` has no keys and contributes nothing; a NaN LSE is not "no keys": it propagates
+(NaN output and LSE), as NaN inputs do in PyTorch's attention.
+
+The exact backward of a merge (:func:`backward_stats`) runs each partial's kernel backward with
+``lse = m`` and the incoming gradient divided by ``Σ w_i``: ``exp(S - m) / Σ w_i = exp(S - lse)``,
+without the merged LSE's rounding.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-__all__ = ["merge_partials"]
+__all__ = ["backward_stats", "finish_merge", "lse_shift", "merge_partials"]
+
+
+def lse_shift(lse_max: torch.Tensor) -> torch.Tensor:
+    """The shift of a merge: the largest LSE of each row, 0 where it is ``-inf`` (no keys; every
+    weight is then ``exp(-inf) = 0``). NaN stays NaN."""
+    return lse_max.masked_fill(lse_max == float("-inf"), 0.0)
+
+
+def finish_merge(out_sum: torch.Tensor, shift: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ w_i O_i (..., D), shift (...), Σ w_i (...))`` -> ``(out, lse)``; rows without keys (total 0)
+    give zeros and ``-inf``; NaN rows give NaN."""
+    out = out_sum / total.masked_fill(total == 0, 1.0).unsqueeze(-1)
+    return out, shift + torch.log(total)  # log(0) = -inf for rows with no keys
 
 
 def merge_partials(
@@ -13,14 +42,22 @@ def merge_partials(
     """Combine two softmax-normalised partial results over disjoint sets of (weighted) keys.
 
     ``out_* (..., D)`` and ``lse_* (...)`` in a float accumulation dtype. A row with ``lse = -inf``
-    (no keys) contributes nothing; a row that is ``-inf`` on both sides stays zero with LSE ``-inf``.
+    (no keys) contributes nothing; a row that is ``-inf`` on both sides stays zero with LSE ``-inf``;
+    a NaN LSE on either side gives NaN.
     """
-    lse_max = torch.maximum(lse_a, lse_b)
-    shift = torch.where(torch.isfinite(lse_max), lse_max, torch.zeros_like(lse_max))
+    shift = lse_shift(torch.maximum(lse_a, lse_b))  # torch.maximum propagates NaN
     w_a = torch.exp(lse_a - shift)
     w_b = torch.exp(lse_b - shift)
-    total = w_a + w_b
-    lse = shift + torch.log(total)  # log(0) = -inf for rows with no keys
-    safe_total = torch.where(total > 0, total, torch.ones_like(total))
-    out = (out_a * (w_a / safe_total)[..., None]) + (out_b * (w_b / safe_total)[..., None])
-    return out, lse
+    return finish_merge(out_a * w_a.unsqueeze(-1) + out_b * w_b.unsqueeze(-1), shift, w_a + w_b)
+
+
+def backward_stats(
+    shift: torch.Tensor, total: torch.Tensor, dout: torch.Tensor, delta: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """What each partial's kernel backward takes for the exact gradient of a merge whose rows have
+    ``shift`` (from :func:`lse_shift`) and ``total = Σ w_i`` (``(...)``): ``(lse, dout, delta)`` with
+    ``lse = shift`` (``+inf`` on rows with no keys, total 0, so that ``P = 0``), and ``dout (..., D)``
+    and ``delta`` divided by ``total``."""
+    inv = total.masked_fill(total == 0, 1.0).reciprocal()
+    scaled_delta = None if delta is None else delta * inv
+    return shift.masked_fill(total == 0, float("inf")), dout * inv.unsqueeze(-1).to(dout.dtype), scaled_delta

@@ -59,6 +59,9 @@ def reference_dilated_attention(
     q = query.double().transpose(1, 2)  # (b, h, n, d)
     k = key.double().repeat_interleave(group, dim=2).transpose(1, 2)
     v = value.double().repeat_interleave(group, dim=2).transpose(1, 2)
+    if key_padding_mask is not None:  # padded keys never reach a result, whatever they hold (NaN, inf):
+        valid = ~key_padding_mask[:, None, :, None]  # a masked score or 0 * NaN would still be NaN
+        k, v = torch.where(valid, k, 0.0), torch.where(valid, v, 0.0)
     counts = count_matrix(n, h, segment_lengths, dilation_rates, offsets, head_groups, query.device)
     allowed = (counts > 0)[None]  # (1, h, n, n)
     if is_causal:

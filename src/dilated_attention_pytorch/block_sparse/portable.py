@@ -1,6 +1,13 @@
 """The portable block-sparse path: one batched dense kernel call per group of active tiles, an fp32
 log-sum-exp merge of the tiles of each row (one joint softmax), and an exact blockwise backward.
 
+The merge keeps, per row, the largest tile LSE ``m``, the sum of weights ``Σ exp(l_c - m)`` and the
+weighted sum of tile outputs, rescaled when ``m`` grows (an online softmax over tiles): weights are
+never taken relative to a rounded merged LSE (see :mod:`..merge`). In float32/float64 the backward runs
+each tile with ``lse = m`` and the incoming gradient divided by the sum of weights, so that the merged
+LSE's rounding reaches no gradient either; in float16/bfloat16 with the merged LSE (see
+:mod:`..engine`).
+
 Memory is O(active tiles): the largest temporary is one call's ``(b, R, block, block)`` scores inside a
 kernel, bounded by :data:`_CHUNK_ELEMENTS`; nothing of size n x n is ever formed.
 """
@@ -13,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from ..kernels import BlockInputs, acc_dtype, choose_kernel
-from ..merge import merge_partials
+from ..merge import backward_stats, finish_merge, lse_shift
 from .plan import BlockCall, BlockPlan
 
 __all__ = ["portable_block_sparse_attention"]
@@ -80,8 +87,9 @@ class _BlockSparseFunction(torch.autograd.Function):
         qb = _to_blocks(q, plan.q_blocks, bs)  # (b, h, nq, bs, d)
         kb = _to_blocks(k, plan.k_blocks, bs)  # (b, h_kv, nk, bs, d)
         vb = _to_blocks(v, plan.k_blocks, bs)
-        out_acc = torch.zeros(b, h, plan.q_blocks, bs, d, dtype=acc, device=q.device)
-        lse_acc = torch.full((b, h, plan.q_blocks, bs), float("-inf"), dtype=acc, device=q.device)
+        out_acc = torch.zeros(b, h, plan.q_blocks, bs, d, dtype=acc, device=q.device)  # sum of w_c * out_c
+        lse_max = torch.full((b, h, plan.q_blocks, bs), float("-inf"), dtype=acc, device=q.device)
+        total = torch.zeros(b, h, plan.q_blocks, bs, dtype=acc, device=q.device)  # sum of w_c
         args.calls = [c for call in plan.calls for c in _chunks(call, b, bs, d)]
         for call in args.calls:
             kv_heads = call.heads // args.group
@@ -91,24 +99,32 @@ class _BlockSparseFunction(torch.autograd.Function):
                 kb[:, kv_heads, call.k_blocks],
                 vb[:, kv_heads, call.k_blocks],
                 key_valid=_key_valid(call, b, bs, q.device), is_causal=call.causal, scale=args.scale, dropout_p=0.0,
+                padding_finite=True,  # the keys past the end are _to_blocks' zeros
             )
             args.rng_states.append(rng)
-            merged_out, merged_lse = merge_partials(
-                out_acc[:, call.heads, call.q_blocks], lse_acc[:, call.heads, call.q_blocks],
-                out_c.to(acc), lse_c.to(acc),
-            )
-            out_acc[:, call.heads, call.q_blocks] = merged_out
-            lse_acc[:, call.heads, call.q_blocks] = merged_lse
+            rows = (slice(None), call.heads, call.q_blocks)  # each (head, query block) once per call
+            old_max = lse_max[rows]
+            new_max = torch.maximum(old_max, lse_c.to(acc))  # propagates NaN
+            shift = lse_shift(new_max)
+            rescale, weight = torch.exp(old_max - shift), torch.exp(lse_c.to(acc) - shift)  # (b, R, bs)
+            out_acc[rows] = out_acc[rows] * rescale.unsqueeze(-1) + out_c.to(acc) * weight.unsqueeze(-1)
+            total[rows] = total[rows] * rescale + weight
+            lse_max[rows] = new_max
+        shift = lse_shift(lse_max)
+        out_acc, lse_acc = finish_merge(out_acc, shift, total)
         out = _from_blocks(out_acc, nq_tokens).to(q.dtype)  # (b, n, h, d)
         lse = lse_acc.reshape(b, h, -1)[:, :, :nq_tokens]  # (b, h, n)
-        ctx.save_for_backward(q, k, v, out, lse)
+        stats = (None, None)
+        if q.dtype == acc:  # float32/float64: the exact backward takes the merge's shift and total
+            stats = tuple(t.reshape(b, h, -1)[:, :, :nq_tokens] for t in (shift, total))
+        ctx.save_for_backward(q, k, v, out, lse, *stats)
         ctx.args = args
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, shift, total = ctx.saved_tensors
         args: _Args = ctx.args
         plan = args.plan
         b, nq_tokens, h, d = q.shape
@@ -121,15 +137,20 @@ class _BlockSparseFunction(torch.autograd.Function):
         kb = _to_blocks(k, plan.k_blocks, bs)
         vb = _to_blocks(v, plan.k_blocks, bs)
         outb = _to_blocks(out, plan.q_blocks, bs)
+        no_keys = lse == float("-inf")  # (b, h, n); NaN rows are not "no keys": their NaN reaches their gradients
+        delta_bhn = None
+        if dlse is not None:  # d lse / d s = P: fold it into delta = rowsum(dO * O) - dlse
+            delta_bhn = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2) - dlse.masked_fill(no_keys, 0.0)
+        if shift is None:  # rows with no key: LSE +inf makes P = 0 in every kernel's backward
+            lse_bwd = lse.masked_fill(no_keys, float("inf"))
+        else:
+            lse_bwd, dout_bhn, delta_bhn = backward_stats(shift, total, dout.transpose(1, 2), delta_bhn)
+            dout = dout_bhn.transpose(1, 2)
         doutb = _to_blocks(dout, plan.q_blocks, bs)
-        # Rows with no key: LSE +inf makes P = 0 in every kernel's backward.
-        lse_bwd = torch.where(torch.isfinite(lse), lse, float("inf"))
         lseb = _to_blocks(lse_bwd.transpose(1, 2).unsqueeze(-1), plan.q_blocks, bs).squeeze(-1)  # (b,h,nq,bs)
         delta = None
-        if dlse is not None:  # d lse / d s = P: fold it into delta = rowsum(dO * O) - dlse
-            dlse_bnh = torch.nan_to_num(dlse, posinf=0, neginf=0).transpose(1, 2)
-            delta_bnh = (dout.to(acc) * out.to(acc)).sum(-1) - dlse_bnh
-            delta = _to_blocks(delta_bnh.unsqueeze(-1), plan.q_blocks, bs).squeeze(-1)
+        if delta_bhn is not None:
+            delta = _to_blocks(delta_bhn.transpose(1, 2).unsqueeze(-1), plan.q_blocks, bs).squeeze(-1)
         dq = torch.zeros(b, h * plan.q_blocks, bs, d, dtype=acc, device=q.device)
         dk = torch.zeros(b, h_kv * plan.k_blocks, bs, d, dtype=acc, device=q.device)
         dv = torch.zeros(b, h_kv * plan.k_blocks, bs, d, dtype=acc, device=q.device)
@@ -141,7 +162,7 @@ class _BlockSparseFunction(torch.autograd.Function):
             dq_c, dk_c, dv_c = kernel.backward(
                 doutb[rows], qb[rows], kb[keys], vb[keys], outb[rows], lseb[rows], rng,
                 key_valid=_key_valid(call, b, bs, q.device), is_causal=call.causal, scale=args.scale,
-                dropout_p=0.0, delta=None if delta is None else delta[rows],
+                dropout_p=0.0, delta=None if delta is None else delta[rows], padding_finite=True,
             )
             dq.index_add_(1, call.heads * plan.q_blocks + call.q_blocks, dq_c.to(acc))
             key_index = kv_heads * plan.k_blocks + call.k_blocks

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from ..capabilities import first_supported
 from .aten import CpuFlashKernel, CudaFlashKernel, CudnnKernel
-from .base import BlockInputs, BlockKernel, NoKernelError, acc_dtype
+from .base import BlockInputs, BlockKernel, NoKernelError, acc_dtype, has_key, host_checks
 from .math import MathKernel
 from .triton_gather import gather_blocks  # registers the gather-merge custom op (imports no triton)
 
 __all__ = [
     "BlockInputs", "BlockKernel", "FUSED_KERNELS", "KERNELS", "NoKernelError", "acc_dtype", "choose_kernel",
-    "gather_blocks", "kernel_reasons",
+    "gather_blocks", "has_key", "host_checks", "kernel_reasons",
 ]
 
 # The portable path's kernels, in order of preference: the first with no reasons against it runs.

@@ -39,13 +39,17 @@ def _offset(strides, bid, ok, row_b, hpos, row_k):
 
 @triton.jit
 def gather_kernel(
-    out_ptr, lse_out_ptr, src_tab, src_strides, lse_tab, lse_strides, pat_tab, head_tab,
+    out_ptr, lse_out_ptr, shift_ptr, total_ptr, src_tab, src_strides, lse_tab, lse_strides, pat_tab, head_tab,
     m_len, num_heads, num_patterns, head_dim,
     s_ob, s_ot, s_oh, s_lb, s_lt, s_lh,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_STATS: tl.constexpr,
 ):
     """Two passes over the patterns, each a loop (not unrolled: a pattern's row pointers alone fill
-    the registers): the merged LSE from the patterns' LSEs, then the weighted sum of their rows."""
+    the registers): the largest LSE ``m`` and ``Σ exp(l_i - m)`` from the patterns' LSEs, then the
+    weighted sum ``Σ exp(l_i - m) O_i / Σ exp(l_i - m)`` of their rows. Weights are relative to ``m``,
+    never to the merged LSE, whose rounding at large logits they would carry (see ``merge.py``). A NaN
+    LSE propagates (NaN output and LSE); ``-inf`` is a pattern with no keys. ``WRITE_STATS``: also
+    write ``m`` (0 where no pattern has keys) and the sum of weights (for the exact backward)."""
     pid_t = tl.program_id(0)
     jt = tl.program_id(1)
     bb = tl.program_id(2)
@@ -56,17 +60,15 @@ def gather_kernel(
     elem = out_ptr.dtype.element_ty
     mx = tl.full([BLOCK_T], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for i in range(num_patterns):  # pass 1: merged log-sum-exp over the covering patterns
+    for i in range(num_patterns):  # pass 1: the largest LSE and the sum of weights, online
         ok, bid, row_b, hpos, row_k = _locate(t, t_ok, bb, i, jt, pat_tab, head_tab, num_heads)
         base = tl.load(lse_tab + bid, mask=ok, other=0).to(tl.pointer_type(tl.float32))
         lse = tl.load(base + _offset(lse_strides, bid, ok, row_b, hpos, row_k), mask=ok, other=float("-inf"))
-        new_mx = tl.maximum(mx, lse)
+        new_mx = tl.maximum(mx, lse, propagate_nan=tl.PropagateNan.ALL)
         safe = tl.where(new_mx == float("-inf"), 0.0, new_mx)
         total = total * tl.exp(mx - safe) + tl.exp(lse - safe)
         mx = new_mx
-    safe = tl.where(mx == float("-inf"), 0.0, mx)
-    big_l = safe + tl.log(total)  # -inf where no pattern covers the row
-    big_l_safe = tl.where(total > 0, big_l, 0.0)
+    shift = tl.where(mx == float("-inf"), 0.0, mx)  # NaN stays NaN
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for i in range(num_patterns):  # pass 2: the weighted sum of the covering rows
         ok, bid, row_b, hpos, row_k = _locate(t, t_ok, bb, i, jt, pat_tab, head_tab, num_heads)
@@ -76,8 +78,14 @@ def gather_kernel(
                        other=0.0).to(tl.float32)
         lbase = tl.load(lse_tab + bid, mask=ok, other=0).to(tl.pointer_type(tl.float32))
         lse = tl.load(lbase + _offset(lse_strides, bid, ok, row_b, hpos, row_k), mask=ok, other=float("-inf"))
-        acc += rows * tl.exp(lse - big_l_safe)[:, None]
+        acc += rows * tl.exp(lse - shift)[:, None]
+    acc = acc / tl.where(total > 0, total, 1.0)[:, None]  # no keys: 0 / 1; NaN stays NaN
+    big_l = shift + tl.log(total)  # -inf where no pattern covers the row
     t64 = t.to(tl.int64)
     o_ptrs = out_ptr + bb.to(tl.int64) * s_ob + t64[:, None] * s_ot + jt * s_oh + dd[None, :]
     tl.store(o_ptrs, acc.to(elem), mask=t_ok[:, None] & d_ok[None, :])
-    tl.store(lse_out_ptr + bb.to(tl.int64) * s_lb + t64 * s_lt + jt * s_lh, big_l, mask=t_ok)
+    l_off = bb.to(tl.int64) * s_lb + t64 * s_lt + jt * s_lh
+    tl.store(lse_out_ptr + l_off, big_l, mask=t_ok)
+    if WRITE_STATS:
+        tl.store(shift_ptr + l_off, shift, mask=t_ok)
+        tl.store(total_ptr + l_off, total, mask=t_ok)

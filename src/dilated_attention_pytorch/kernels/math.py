@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..capabilities import Declared, Support
-from .base import acc_dtype
+from .base import acc_dtype, inert_padding
 
 __all__ = ["MathKernel"]
 
@@ -52,8 +52,10 @@ class MathKernel(Declared):
         p = torch.exp(s - lse_rows[..., None])
         return p if allowed is None else p.masked_fill(~allowed, 0.0)
 
-    def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def forward(self, q, k, v, *, key_valid, is_causal, scale, dropout_p,
+                padding_finite=False) -> tuple[torch.Tensor, torch.Tensor, Any]:
         acc = acc_dtype(q.dtype)
+        q, k, v = inert_padding(q, k, v, key_valid, is_causal, padding_finite)
         qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
         length = q.shape[2]
         step = self._chunk(q)
@@ -65,17 +67,23 @@ class MathKernel(Declared):
             allowed = self._allowed(key_valid, is_causal, rows, length, q.device)
             if allowed is not None:
                 s = s.masked_fill(~allowed, float("-inf"))
-            lse = torch.logsumexp(s, dim=-1)
-            finite = torch.isfinite(lse)
-            p = torch.exp(s - torch.where(finite, lse, 0.0)[..., None])
+            # normalised by the sum itself, not by exp(lse): the LSE is rounded at ulp(lse), which at
+            # large logits would reach every probability; the max propagates NaN, -inf is "no keys"
+            top = s.amax(-1, keepdim=True)
+            e = torch.exp(s - top.masked_fill(top == float("-inf"), 0.0))
+            total = e.sum(-1, keepdim=True)
+            lse = (top + torch.log(total)).squeeze(-1)  # -inf + log 0 = -inf for rows with no keys
+            p = e / total.masked_fill(total == 0, 1.0)
             if dropout_p > 0:
                 p = p * self._dropout_keep(p.shape, dropout_p, seed, ci, q.device) / (1.0 - dropout_p)
             outs.append(torch.matmul(p, vf))
             lses.append(lse)
         return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2), seed
 
-    def backward(self, dout, q, k, v, out, lse, rng_state, *, key_valid, is_causal, scale, dropout_p, delta):
+    def backward(self, dout, q, k, v, out, lse, rng_state, *, key_valid, is_causal, scale, dropout_p, delta,
+                 padding_finite=False):
         acc = acc_dtype(q.dtype)
+        q, k, v = inert_padding(q, k, v, key_valid, is_causal, padding_finite)
         qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
         if delta is None:
             delta = (dof * out.to(acc)).sum(-1)

@@ -1,8 +1,9 @@
 """A Triton kernel that gathers the outputs of all blocks of a chunk into the final tensor in one pass.
 
 For each token ``t`` and head ``j``: the merged LSE ``L = log Σ_i exp(l_i)`` over the patterns that
-cover ``(t, j)`` and the merged row ``Σ_i exp(l_i - L) · O_i`` in fp32, written once in the output
-dtype — each block output is read once, nothing is read-modified-written.
+cover ``(t, j)`` and the merged row ``Σ_i w_i O_i / Σ_i w_i`` with ``w_i = exp(l_i - max_i l_i)`` in
+fp32 (:mod:`..merge`), written once in the output dtype — each block output is read once, nothing is
+read-modified-written.
 
 Block outputs stay where the block kernel put them; the kernel finds each row through a table of
 block base pointers and strides and a table of ``(offset, head position, block ids)`` per pattern and
@@ -47,10 +48,12 @@ def _tables(blocks: Sequence, num_heads: int, m_len: int, segments: tuple, dilat
     return pat, head
 
 
-def _gather(target: torch.Tensor, lse_target: torch.Tensor, sources: list[torch.Tensor], lses: list[torch.Tensor],
+def _gather(target: torch.Tensor, lse_target: torch.Tensor, shift_target: Optional[torch.Tensor],
+            total_target: Optional[torch.Tensor], sources: list[torch.Tensor], lses: list[torch.Tensor],
             tables: list[int], num_heads: int, num_patterns: int, block_t: int, num_warps: int) -> None:
     """``dilated_attention::gather_merge``: the kernel's launch. ``sources`` unit stride in D, ``lses``
-    float32, ``tables`` the pattern table then the head table of :func:`_tables`, flattened."""
+    float32, ``tables`` the pattern table then the head table of :func:`_tables`, flattened; the merge's
+    shift and sum of weights go to ``shift_target`` and ``total_target`` when given (both or neither)."""
     b, m_len, h_t, d = target.shape
     nb = len(sources)
     # every table in one int64 buffer, copied without blocking the host (a blocking copy would drain
@@ -65,18 +68,22 @@ def _gather(target: torch.Tensor, lse_target: torch.Tensor, sources: list[torch.
     pat_t, head_t = packed[8 * nb : 8 * nb + 3 * num_patterns], packed[8 * nb + 3 * num_patterns :]
     block_d = max(16, 1 << (d - 1).bit_length())
     grid = ((m_len + block_t - 1) // block_t, h_t, b)
+    stats = shift_target is not None
     _kernel()[grid](
-        target, lse_target, src_tab, src_strides, lse_tab, lse_strides, pat_t, head_t,
+        target, lse_target, shift_target if stats else lse_target, total_target if stats else lse_target,
+        src_tab, src_strides, lse_tab, lse_strides, pat_t, head_t,
         m_len, num_heads, num_patterns, d, *target.stride()[:3], *lse_target.stride(),
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_D=block_d, WRITE_STATS=stats, num_warps=num_warps,
     )
 
 
-GATHER_OP = torch.library.custom_op("dilated_attention::gather_merge", _gather, mutates_args=("target", "lse_target"))
+GATHER_OP = torch.library.custom_op("dilated_attention::gather_merge", _gather,
+                                    mutates_args=("target", "lse_target", "shift_target", "total_target"))
 
 
 @GATHER_OP.register_fake
-def _(target, lse_target, sources, lses, tables, num_heads, num_patterns, block_t, num_warps) -> None:
+def _(target, lse_target, shift_target, total_target, sources, lses, tables, num_heads, num_patterns, block_t,
+      num_warps) -> None:
     return None
 
 
@@ -92,20 +99,29 @@ def gather_blocks(
     dilations: tuple[int, ...],
     block_t: Optional[int] = None,
     num_warps: int = 4,
+    stats_target: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
     """Write into ``target (b, m, h, D)`` (a strided view is fine, unit stride in D) and
     ``lse_target (b, m, h)`` (float32) the blocks' outputs merged by their log-sum-exps.
 
     ``sources[i]`` is block ``i``'s kernel-layout output ``(B, H', L, D)`` and ``lses[i]`` its LSE
     ``(B, H', L)``. ``block_t`` (rows per program) and ``num_warps`` are the launch's tile settings.
+    ``stats_target``: two float32 tensors with ``lse_target``'s shape and strides that receive the
+    merge's shift (the largest LSE, 0 where none is finite) and sum of weights, for the exact backward.
     Eager calls run the op's Python body directly (the dispatcher's round trip into a Python op costs
     tens of microseconds of host time); traced code calls the op, which a compiled graph then holds.
     """
+    if stats_target is not None and any(
+            t.shape != lse_target.shape or t.stride() != lse_target.stride() or t.dtype != torch.float32
+            for t in stats_target):
+        raise ValueError("stats_target must be two float32 tensors with lse_target's shape and strides, but got "
+                         f"{[(tuple(t.shape), t.stride(), t.dtype) for t in stats_target]}")
+    shift_t, total_t = (None, None) if stats_target is None else stats_target
     pat, head = _tables(blocks, num_heads, target.shape[1], segments, dilations)
     tables = [x for row in pat for x in row] + [x for rows in head for row in rows for x in row]
     if block_t is None:
         block_t = 32 if target.shape[-1] <= 128 else 16  # fewer rows for wide heads (registers)
     (GATHER_OP if torch.compiler.is_compiling() else _gather)(
-        target, lse_target, [s if s.stride(-1) == 1 else s.contiguous() for s in sources],
+        target, lse_target, shift_t, total_t, [s if s.stride(-1) == 1 else s.contiguous() for s in sources],
         [x.float() for x in lses], tables, num_heads, len(segments), block_t, num_warps,
     )
