@@ -88,7 +88,7 @@ def test_gather_op_merges_by_log_sum_exp():
 
 def test_gather_opcheck():
     target, lse_target, src, lse = _gather_inputs()
-    torch.library.opcheck(GATHER_OP, (target, lse_target, src, lse, TABLES, H, 2, 32, 4))
+    torch.library.opcheck(GATHER_OP, (target, lse_target, None, None, src, lse, TABLES, H, 2, 32, 4))
 
 
 def test_gather_op_compiles_fullgraph():
