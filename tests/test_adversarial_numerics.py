@@ -24,6 +24,8 @@ from dilated_attention_pytorch.merge import merge_partials
 from dilated_attention_pytorch.reference import count_matrix, reference_dilated_attention
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Triton runs on the GPU where there is one, else in its interpreter on the CPU (conftest sets that).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ENGINES = ["portable", "math", "reference"] + (["triton-merge"] if HAS_TRITON else [])
 
 
@@ -32,8 +34,12 @@ def attend(engine, q, k, v, ws, rs, *, mask=None, is_causal=False):
     if engine in ("portable", "reference"):
         return dilated_attention(q, k, v, ws, rs, is_causal=is_causal, key_padding_mask=mask, return_lse=True,
                                  backend=engine)
+    if engine == "triton-merge" and TRITON_DEVICE != q.device.type:  # autograd carries gradients back
+        out, lse = attend(engine, q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), ws, rs,
+                          mask=None if mask is None else mask.to(TRITON_DEVICE), is_causal=is_causal)
+        return out.to(q.device), lse.to(q.device)
     n = q.shape[1]
-    kernel = MathKernel() if engine == "math" else CpuFlashKernel()
+    kernel = MathKernel() if engine == "math" or q.is_cuda else CpuFlashKernel()
     merge = "triton" if engine == "triton-merge" else "torch"
     opts = EngineOptions(tuple(min(w, n) for w in ws), tuple(rs), "paper", False, is_causal, q.shape[-1] ** -0.5,
                          0.0, kernel, chunk_tokens=64 if merge == "triton" else 16, merge=merge,
@@ -100,9 +106,9 @@ BS_BACKENDS = ["portable"] + (["triton"] if HAS_TRITON else [])
 
 def _block_sparse(backend, q, k, v, layout, block_size, is_causal):
     if backend == "triton":  # pointer loads: the path that must mask rows past the end itself
-        from dilated_attention_pytorch.block_sparse.triton_path import layout_lists, triton_block_sparse_attention
+        from dilated_attention_pytorch.block_sparse.triton_path import triton_block_sparse_attention
 
-        out, lse = triton_block_sparse_attention(q, k, v, layout_lists(layout, q.shape[1], block_size, is_causal),
+        out, lse = triton_block_sparse_attention(q, k, v, layout,
                                                  block_size=block_size, is_causal=is_causal, scale=q.shape[-1] ** -0.5,
                                                  loads="pointers")
         return out, lse
@@ -117,10 +123,11 @@ def test_block_sparse_keys_outside_the_layout_or_past_the_end_are_never_read(bac
     past the end of the sequence (inputs that are views of a larger buffer) reaches nothing."""
     triton = backend == "triton"
     dtype, bs = (torch.float16, 128) if triton else (torch.float64, 4)
+    dev = TRITON_DEVICE if triton else "cpu"
     n, h, d = 3 * bs - bs // 2, 2, 16  # a partial last block
-    layout = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)[None].expand(h, -1, -1).clone()
+    layout = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool, device=dev)[None].expand(h, -1, -1).clone()
     layout[1, 2, 0] = True  # head 1's last query block also sees block 0
-    bufs = [torch.randn(1, n + bs, h, d, dtype=torch.float64).to(dtype) for _ in range(3)]
+    bufs = [torch.randn(1, n + bs, h, d, dtype=torch.float64).to(dev, dtype) for _ in range(3)]
     for buf in bufs:
         buf[:, n:] = float("nan")  # past the end
     q, k, v = (buf[:, :n] for buf in bufs)  # views: their storage goes on past n
@@ -192,9 +199,10 @@ def test_block_sparse_nan_query_propagates(backend):
     no key take no gradient even from a NaN incoming LSE gradient."""
     triton = backend == "triton"
     dtype, bs = (torch.float16, 128) if triton else (torch.float32, 4)
+    dev = TRITON_DEVICE if triton else "cpu"
     n, h = 2 * bs, 2
-    layout = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)[None].expand(h, -1, -1)  # block 1 sees nothing
-    q, k, v = rand_qkv(1, n, h, h, 16, dtype=dtype, requires_grad=False)
+    layout = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool, device=dev)[None].expand(h, -1, -1)  # block 1: nothing
+    q, k, v = rand_qkv(1, n, h, h, 16, dtype=dtype, device=dev, requires_grad=False)
     q[0, 1] = float("nan")
     q.requires_grad_()
     out_only = block_sparse_attention(q, k, v, layout, block_size=bs, backend=backend)
