@@ -59,15 +59,16 @@ def test_backend_names_come_from_the_tables():
 
 def test_explain_backend_explain_auto_and_info_print_the_table(capsys):
     q = torch.randn(1, 8, 2, 8)
-    text = str(explain_backend(q, key_padding_mask=torch.zeros(1, 8, dtype=torch.bool)))
-    assert text.startswith("portable (block kernel: cpu_flash) — fused path not used: cudnn: ")
-    row = {line.split("|")[1].strip(): line for line in text.splitlines()[3:]}
+    choice = explain_backend(q, key_padding_mask=torch.zeros(1, 8, dtype=torch.bool))
+    assert str(choice).startswith("portable (block kernel: cpu_flash) — fused path not used: cudnn: ")
+    row = {line.split("|")[1].strip(): line for line in choice.table().splitlines()[2:]}
     assert set(row) == {"fused", "portable", "reference"} | {f"portable: {k.name}" for k in KERNELS}
     assert "does not support a key padding mask" in row["fused"] and "chosen" in row["portable: cpu_flash"]
     assert "| triton |" in row["fused"]  # what it needs
     assert "can run" in row["portable: math"] and "chosen" in row["portable"]
-    auto = str(explain_auto(device="cpu"))
-    assert auto.startswith("auto -> standard") and "runs on cuda only" in auto and "| LSE grad |" in auto
+    auto = explain_auto(device="cpu")
+    assert str(auto).startswith("auto -> standard") and "runs on cuda only" in auto.table()
+    assert "| LSE grad |" in auto.table()
     info.main([])
     out = capsys.readouterr().out
     assert backend_table() in out and "block-sparse attention" in out and "| flex " in out

@@ -41,28 +41,23 @@ _PRIORITY = {"auto": (FUSED, PORTABLE), "fused": (FUSED,), "portable": (PORTABLE
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """The backend and block kernel a call runs, and every fused kernel's reasons against it.
-
-    ``str()`` gives the choice and, when the inputs are known, the table of every backend and block
-    kernel with its reasons for these inputs."""
+    """The backend and block kernel a call runs, and every fused kernel's reasons against it;
+    :meth:`table` adds every backend and block kernel with its reasons against these inputs."""
 
     backend: str
     kernel: Optional[BlockKernel]
     fused_reasons: dict[str, list[str]]
     inputs: Optional[BlockInputs] = None
 
-    @property
-    def summary(self) -> str:
+    def __str__(self) -> str:
         kernel = "" if self.kernel is None else f" (block kernel: {self.kernel.name})"
         why = "; ".join(f"{k}: {', '.join(r)}" for k, r in self.fused_reasons.items() if r)
         unused = f" — fused path not used: {why}" if why and self.backend != "fused" else ""
         return f"{self.backend}{kernel}{unused}"
 
-    def __str__(self) -> str:
-        if self.inputs is None:
-            return self.summary
+    def table(self) -> str:
         chosen = {self.backend} | ({f"portable: {self.kernel.name}"} if self.backend == "portable" else set())
-        return f"{self.summary}\n{backend_table(self.inputs, chosen)}"
+        return backend_table(self.inputs, chosen)
 
 
 def backend_table(inputs: Optional[BlockInputs] = None, chosen: Collection[str] = ()) -> str:
@@ -115,7 +110,7 @@ def explain_backend(
     backend: str = "auto",
 ) -> BackendChoice:
     """What ``dilated_attention(query, ..., backend=backend)`` would run, and why not the fused path;
-    ``print()`` it for the table of every backend with its reasons.
+    ``.table()`` is every backend and block kernel with its reasons against these inputs.
 
     The arguments are checked as ``dilated_attention`` checks them (query ``(b, n, h, d)``)."""
     V.check_qkv(query, query, query)

@@ -74,13 +74,12 @@ class AutoChoice:
     reasons: tuple[str, ...]
     inputs: Optional[BlockInputs] = None  # the single-device inputs it decided for
 
-    @property
-    def summary(self) -> str:
+    def __str__(self) -> str:
         return f"auto -> {self.attention_type}: " + "; ".join(self.reasons)
 
-    def __str__(self) -> str:
-        """The choice and, for a single-device choice, the table of backends with their reasons."""
-        return self.summary if self.inputs is None else f"{self.summary}\n{backend_table(self.inputs)}"
+    def table(self) -> str:
+        """The dilated backends and block kernels with their reasons against the inputs it decided for."""
+        return backend_table(self.inputs)
 
 
 def _process_group_size() -> Optional[int]:
@@ -101,7 +100,7 @@ def explain_auto(
 ) -> AutoChoice:
     """Resolve ``"auto"``: ``"ring"`` only when a ``process_group`` is passed (sequence parallelism asked
     for); otherwise a single-device type: a CUDA GPU where the fused backend supports the inputs ->
-    ``"improved"``; else ``"standard"`` (``str()`` of the choice adds the table of backends). An initialised
+    ``"improved"``; else ``"standard"`` (``.table()`` of the choice: every backend's reasons). An initialised
     process group never
     turns on sequence parallelism by itself: under data parallelism (DDP, FSDP) every rank holds whole
     sequences, and treating them as shards of one sequence would be silently wrong; ask for ``"ring"`` or

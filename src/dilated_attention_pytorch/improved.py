@@ -44,27 +44,16 @@ class ImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
         kv_dim = self.num_kv_heads * self.head_dim
         return [self.embed_dim, kv_dim, kv_dim]
 
+    def _qkv(self) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(weight, bias) of the q, k and v blocks of the fused projection (views)."""
+        bias = self.qkv_proj.bias
+        biases = (None,) * 3 if bias is None else bias.split(self._split())
+        return list(zip(self.qkv_proj.weight.split(self._split()), biases))
+
     def _project(self, query, key, value):
         if query is key and key is value:  # self-attention: one matrix product
             return self.qkv_proj(query).split(self._split(), dim=-1)
-        w_q, w_k, w_v = self.qkv_proj.weight.split(self._split(), dim=0)
-        b_q, b_k, b_v = (None,) * 3 if self.qkv_proj.bias is None else self.qkv_proj.bias.split(self._split())
-        return (nn.functional.linear(query, w_q, b_q), nn.functional.linear(key, w_k, b_k),
-                nn.functional.linear(value, w_v, b_v))
-
-    def reset_parameters(self) -> None:
-        """MAGNETO init, applied to each of the fused projection's q/k/v blocks as if separate."""
-        w_q, w_k, w_v = self.qkv_proj.weight.split(self._split(), dim=0)
-        with torch.no_grad():
-            for w, gain in ((w_q, 1.0), (w_k, 1.0), (w_v, self.gamma_init)):
-                w.copy_(nn.init.xavier_normal_(torch.empty_like(w), gain=gain))
-            if self.qkv_proj.bias is not None:
-                self.qkv_proj.bias.zero_()
-        nn.init.xavier_normal_(self.out_proj.weight, gain=self.gamma_init)
-        if self.out_proj.bias is not None:
-            nn.init.zeros_(self.out_proj.bias)
-        if self.norm is not None:
-            self.norm.reset_parameters()
+        return tuple(nn.functional.linear(x, w, b) for x, (w, b) in zip((query, key, value), self._qkv()))
 
     # -- lossless conversion -----------------------------------------------------------------------
     def _settings(self) -> dict:

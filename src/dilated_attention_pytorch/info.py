@@ -86,7 +86,7 @@ def _families() -> list[BackendStatus]:
 
     section = "attention families (factory)"
     rows = [BackendStatus(section, name, ok, detail) for name, (ok, detail) in route_status().items()]
-    rows.append(BackendStatus(section, "auto", True, explain_auto().summary))
+    rows.append(BackendStatus(section, "auto", True, str(explain_auto())))
     return rows
 
 

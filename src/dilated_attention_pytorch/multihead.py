@@ -142,17 +142,22 @@ class BaseMultiheadDilatedAttention(nn.Module):
         self.k_proj = nn.Linear(self.embed_dim, kv_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(self.embed_dim, kv_dim, bias=bias, **factory)
 
+    def _qkv(self) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(weight, bias) of the q, k and v projections."""
+        return [(p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj)]
+
     def _project(self, query, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q_proj(query), self.k_proj(key), self.v_proj(value)
 
     def reset_parameters(self) -> None:
-        """MAGNETO: xavier-normal, gain 1 for q/k and ``gamma_init`` for v/out; zero biases."""
-        for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init)):
-            nn.init.xavier_normal_(proj.weight, gain=gain)
-        nn.init.xavier_normal_(self.out_proj.weight, gain=self.gamma_init)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+        """MAGNETO: xavier-normal, gain 1 for q/k and ``gamma_init`` for v/out (q, k, v each as its own
+        matrix); zero biases."""
+        out = (self.out_proj.weight, self.out_proj.bias)
+        with torch.no_grad():
+            for (w, b), gain in zip(self._qkv() + [out], (1.0, 1.0, self.gamma_init, self.gamma_init)):
+                nn.init.xavier_normal_(w, gain=gain)
+                if b is not None:
+                    b.zero_()
         if self.norm is not None:
             self.norm.reset_parameters()
 

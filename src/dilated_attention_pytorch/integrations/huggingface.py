@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _validation as V
+from ..backends import BACKENDS
 from ..functional import dilated_attention
 
 __all__ = ["dilated_attention_forward_factory", "register_dilated_attention"]
@@ -73,7 +74,7 @@ def dilated_attention_forward_factory(
     segment_lengths, dilation_rates = V.check_patterns(segment_lengths, dilation_rates)
     head_groups = V.check_bool("head_groups", head_groups)
     offsets = V.check_offsets(offsets, dilation_rates, None, head_groups)
-    backend = V.check_backend(backend)
+    backend = V.check_choice("backend", backend, BACKENDS)
 
     def dilated_attention_forward(
         module: torch.nn.Module,
