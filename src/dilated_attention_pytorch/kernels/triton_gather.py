@@ -18,13 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["GATHER_OP", "gather_blocks", "triton_available"]
-
-
-def triton_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
+__all__ = ["GATHER_OP", "gather_blocks"]
 
 
 def _kernel():
