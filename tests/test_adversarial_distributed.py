@@ -243,3 +243,31 @@ def test_timeout_is_validated_by_every_module(bad, error):
             make()
     module = RingMultiheadDilatedAttention(8, 2, segment_lengths=[4], dilation_rates=[1], timeout_s=7)
     assert module.attention.timeout_s == 7.0
+
+
+# ---- item 3 on the ring: NaN in a real query propagates through the received-rows path --------------
+
+
+def _check_ring_nan_propagates(rank: int, world: int, seed: int) -> None:
+    """Segments cross the shard edge (received rows run the ring's own blocks): a NaN query row gives
+    NaN output and a NaN query gradient on its rank, as on one device; every other row stays finite."""
+    g = torch.Generator().manual_seed(seed)
+    n_local, segs, dils = 12, (8, 24), (1, 2)
+    q, k, v = (torch.randn(1, n_local * world, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    t = n_local + 5  # a row of rank 1
+    q[0, t] = float("nan")
+    sl = slice(rank * n_local, (rank + 1) * n_local)
+    shard = [x[:, sl].clone().requires_grad_() for x in (q, k, v)]
+    out, lse = ring_dilated_attention(*shard, segs, dils, return_lse=True, timeout_s=30)
+    whole = dilated_attention(q.clone().requires_grad_(), k, v, segs, dils, return_lse=True)
+    assert torch.equal(out.isnan(), whole[0][:, sl].isnan()) and torch.equal(lse.isnan(), whole[1][:, :, sl].isnan())
+    (dq,) = torch.autograd.grad((out, lse), shard[0], (torch.randn_like(out), torch.randn_like(lse)))
+    local = t - rank * n_local
+    if 0 <= local < n_local:
+        assert out[0, local].isnan().any() and dq[0, local].isnan().any()
+    rows = [i for i in range(n_local) if i != local]
+    assert not out[0, rows].isnan().any()
+
+
+def test_ring_nan_query_propagates():
+    run_distributed(_check_ring_nan_propagates, 2, int(torch.randint(0, 2**31, ()).item()), timeout_s=120)

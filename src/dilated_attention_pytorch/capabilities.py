@@ -94,9 +94,10 @@ def not_supported_reasons(support: Support, inputs: Any) -> list[str]:
         reasons.append("does not support dropout")
     if inputs.needs_delta and not s.lse_grad:
         reasons.append("backward cannot take a gradient of the LSE")
-    if not s.compile and torch.compiler.is_compiling():
-        reasons.append("does not run under torch.compile")
-    else:  # packages are not looked up inside a compiled graph
+    if torch.compiler.is_compiling():  # packages are not looked up inside a compiled graph
+        if not s.compile:
+            reasons.append("does not run under torch.compile")
+    else:
         reasons += [f"needs the {p} package (pip install {p})" for p in s.packages if not has_package(p)]
     return reasons
 

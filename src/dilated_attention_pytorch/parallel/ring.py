@@ -178,11 +178,12 @@ class _RingFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         own_kernel, remote_kernel = args.kernel, args.remote_kernel
         delta_full = None
+        no_keys = lse_acc == float("-inf")  # a NaN LSE is not "no keys": it propagates
         if dlse is not None:  # d lse / d s = P: fold it into delta = rowsum(dO * O) - dlse
-            delta_full = (dout.to(acc) * out.to(acc)).sum(-1) - torch.nan_to_num(dlse, posinf=0, neginf=0)
+            delta_full = (dout.to(acc) * out.to(acc)).sum(-1) - dlse.masked_fill(no_keys, 0.0)
             # No dropout, so any kernel may run a block's backward: one that takes delta.
             own_kernel = remote_kernel = choose_kernel(_inputs(q, key_valid, True))
-        lse_bwd = torch.where(torch.isfinite(lse_acc), lse_acc, float("inf"))  # no keys: P = 0
+        lse_bwd = lse_acc.masked_fill(no_keys, float("inf"))  # no keys: P = 0
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
