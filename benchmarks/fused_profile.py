@@ -115,7 +115,8 @@ def run_case(case: str, n: int, chunk: int, repeats: int) -> list[dict]:
 def gather_sweep(n: int, repeats: int) -> list[dict]:
     """Time the gather-merge alone on one forward's block outputs (the issue's w/r) per tile setting,
     and check each setting's output against the default's."""
-    from dilated_attention_pytorch.engine import _block_tensor, plan_blocks
+    from dilated_attention_pytorch.planning import plan_blocks
+    from dilated_attention_pytorch.views import Rows
     from dilated_attention_pytorch.kernels.triton_gather import gather_blocks
 
     b, h, d = 1, 16, 128
@@ -125,8 +126,8 @@ def gather_sweep(n: int, repeats: int) -> list[dict]:
     blocks = plan_blocks(n, h, h, segs, rs, "paper", False, diagonal_blocks=True)
     outs, lses = [], []
     for block in blocks:
-        o, lse, _ = choice.kernel.forward(_block_tensor(q, block, block.heads), _block_tensor(k, block, block.kv_heads),
-                                          _block_tensor(v, block, block.kv_heads), key_valid=None, is_causal=False,
+        o, lse, _ = choice.kernel.forward(Rows(block, block.heads).read(q), Rows(block, block.kv_heads).read(k),
+                                          Rows(block, block.kv_heads).read(v), key_valid=None, is_causal=False,
                                           scale=d**-0.5, dropout_p=0.0)
         outs.append(o)
         lses.append(lse)

@@ -18,9 +18,10 @@ import torch
 from conftest import rand_qkv, rel_err
 from dilated_attention_pytorch import block_sparse_attention, dilated_attention
 from dilated_attention_pytorch.block_sparse.reference import reference_block_sparse_attention
-from dilated_attention_pytorch.engine import EngineOptions, _ViewMemo, run_engine
+from dilated_attention_pytorch.engine import EngineOptions, run_engine
+from dilated_attention_pytorch.views import ViewMemo
 from dilated_attention_pytorch.kernels import CpuFlashKernel, MathKernel
-from dilated_attention_pytorch.merge import merge_partials
+from dilated_attention_pytorch.merge import finish_merge, lse_shift, merge_step
 from dilated_attention_pytorch.reference import count_matrix, reference_dilated_attention
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -270,11 +271,14 @@ def reference_block(q, k, v, valid, is_causal, scale):
     return p @ vd, lse
 
 
-def test_merge_partials_tells_nan_from_no_keys():
+def test_merge_tells_nan_from_no_keys():
     out_a, out_b = torch.randn(3, 4), torch.randn(3, 4)
     lse_a = torch.tensor([float("nan"), float("-inf"), float("-inf")])
     lse_b = torch.tensor([0.5, float("-inf"), 2.0])
-    out, lse = merge_partials(out_a, lse_a, out_b, lse_b)
+    state = torch.zeros(3, 4), torch.full((3,), float("-inf")), torch.zeros(3)
+    for out_i, lse_i in ((out_a, lse_a), (out_b, lse_b)):
+        state = merge_step(*state, out_i, lse_i)
+    out, lse = finish_merge(state[0], lse_shift(state[1]), state[2])
     assert out[0].isnan().all() and lse[0].isnan()
     assert torch.all(out[1] == 0) and lse[1] == float("-inf")
     assert torch.equal(out[2], out_b[2]) and lse[2] == 2.0
@@ -386,7 +390,7 @@ def test_triton_gather_merge_exact_at_large_logits():
 
 
 def test_view_memo_evicts_least_recently_used():
-    memo = _ViewMemo(maxsize=3)
+    memo = ViewMemo(maxsize=3)
     builds = []
     x = torch.randn(4, 6)
 
@@ -407,7 +411,7 @@ def test_view_memo_evicts_least_recently_used():
 
 def test_view_memo_is_thread_safe():
     """Eight threads, more layouts than the memo holds: every view is right, the memo stays bounded."""
-    memo = _ViewMemo(maxsize=8)
+    memo = ViewMemo(maxsize=8)
     barrier = threading.Barrier(8)
     errors = []
 

@@ -7,7 +7,8 @@ import torch
 
 from conftest import rand_qkv
 from dilated_attention_pytorch import dilated_attention, explain_backend
-from dilated_attention_pytorch.engine import EngineOptions, chunk_bounds, run_engine
+from dilated_attention_pytorch.engine import EngineOptions, run_engine
+from dilated_attention_pytorch.planning import chunk_bounds, plan_blocks
 from dilated_attention_pytorch.kernels import CpuFlashKernel, MathKernel
 from dilated_attention_pytorch.reference import reference_dilated_attention
 
@@ -58,8 +59,6 @@ def test_explain_backend_on_cpu_gives_reasons():
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_diagonal_blocks_match_reference(n, is_causal):
     """'paper' offsets with h / r < r run as diagonal blocks (row offset and head advance together)."""
-    from dilated_attention_pytorch.engine import plan_blocks
-
     ws, rs = (16, 32, 8), (4, 8, 2)
     blocks = plan_blocks(n, 8, 8, tuple(min(w, n) for w in ws), rs, "paper", False, diagonal_blocks=True)
     assert any(b.diag_m is not None for b in blocks) == (n >= 8)
@@ -139,24 +138,24 @@ def test_remembered_views_equal_the_view_chains(n, h, h_kv):
     """A view chain remembered as one ``as_strided`` gives the chain's tensor (values and strides) on
     other tensors of the same shape and stride: other storage, other storage offsets (later chunks),
     non-contiguous inputs; chains that copy (GQA head lists) are rebuilt each time."""
-    from dilated_attention_pytorch.engine import _block_tensor, _piece_tensor, _to_kernel, _view, _views, plan_blocks
+    from dilated_attention_pytorch.views import Rows, _memo, _view, to_kernel
 
     ws, rs = (16, 32, 12), (1, 4, 3)
     blocks = plan_blocks(n, h, h_kv, tuple(min(w, n) for w in ws), rs, "paper", False, diagonal_blocks=h == h_kv)
-    remembered = len(_views._specs)
+    remembered = len(_memo._specs)
     for trial in range(4):  # the first call of a layout builds and remembers, the second uses the memo
         base = torch.randn(1, n + 7, h_kv, 16)
         x = base[:, 7 - trial :][:, :n] if trial < 2 else torch.randn(1, h_kv, n, 16).transpose(1, 2)
         for block in blocks:
             for index in (block.kv_heads, block.heads)[: 1 if h != h_kv else 2]:
-                got, want = _block_tensor(x, block, index), _to_kernel(_view(x, block, index))
+                got, want = Rows(block, index).read(x), to_kernel(_view(x, block, index))
                 assert got.shape == want.shape and got.stride() == want.stride()
                 assert torch.equal(got, want)
                 piece = (0, block.span.count, 0, len(block.head_list(h)))
-                got_p = _piece_tensor(x, block, index, piece)
-                want_p = _to_kernel(_view(x, block, index)[:, 0 : piece[1], :, 0 : piece[3]])
+                got_p = Rows(block, index, piece).read(x)
+                want_p = to_kernel(_view(x, block, index)[:, 0 : piece[1], :, 0 : piece[3]])
                 assert torch.equal(got_p, want_p)
-    assert len(_views._specs) > remembered  # the memo was used, not only the chains
+    assert len(_memo._specs) > remembered  # the memo was used, not only the chains
 
 
 def test_chunks_of_a_batch_run_on_views_of_the_inputs():

@@ -8,9 +8,17 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Generic, Hashable, Optional, TypeVar
 
-__all__ = ["CacheStats", "LRUCache"]
+__all__ = ["CacheStats", "LRUCache", "cached"]
 
 T = TypeVar("T")
+
+
+def cached(fn: Callable[..., T], *args) -> T:
+    """``fn(*args)`` for an ``functools.lru_cache``-wrapped ``fn``, past the cache inside ``torch.compile``
+    (Dynamo traces the plain function; a traced cache lookup would warn)."""
+    import torch
+
+    return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
 
 
 @dataclass(frozen=True)

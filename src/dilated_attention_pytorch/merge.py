@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["backward_stats", "finish_merge", "lse_shift", "merge_partials"]
+__all__ = ["backward_stats", "finish_merge", "lse_shift", "merge_step"]
 
 
 def lse_shift(lse_max: torch.Tensor) -> torch.Tensor:
@@ -36,21 +36,6 @@ def finish_merge(out_sum: torch.Tensor, shift: torch.Tensor, total: torch.Tensor
     return out, shift + torch.log(total)  # log(0) = -inf for rows with no keys
 
 
-def merge_partials(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two softmax-normalised partial results over disjoint sets of (weighted) keys.
-
-    ``out_* (..., D)`` and ``lse_* (...)`` in a float accumulation dtype. A row with ``lse = -inf``
-    (no keys) contributes nothing; a row that is ``-inf`` on both sides stays zero with LSE ``-inf``;
-    a NaN LSE on either side gives NaN.
-    """
-    shift = lse_shift(torch.maximum(lse_a, lse_b))  # torch.maximum propagates NaN
-    w_a = torch.exp(lse_a - shift)
-    w_b = torch.exp(lse_b - shift)
-    return finish_merge(out_a * w_a.unsqueeze(-1) + out_b * w_b.unsqueeze(-1), shift, w_a + w_b)
-
-
 def backward_stats(
     shift: torch.Tensor, total: torch.Tensor, dout: torch.Tensor, delta: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -61,3 +46,15 @@ def backward_stats(
     inv = total.masked_fill(total == 0, 1.0).reciprocal()
     scaled_delta = None if delta is None else delta * inv
     return shift.masked_fill(total == 0, float("inf")), dout * inv.unsqueeze(-1).to(dout.dtype), scaled_delta
+
+
+def merge_step(out_sum: torch.Tensor, lse_max: torch.Tensor, total: torch.Tensor, out_b: torch.Tensor,
+               lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold one partial ``(out_b (..., D), lse_b (...))`` into a running merge (an online softmax over
+    partials): ``out_sum = Σ w_i O_i`` and ``total = Σ w_i`` with weights relative to the largest LSE so
+    far, ``lse_max`` (start from zeros, zeros and ``-inf``). Returns the new ``(out_sum, lse_max, total)``,
+    to be finished by :func:`finish_merge` with ``lse_shift(lse_max)``."""
+    new_max = torch.maximum(lse_max, lse_b)  # propagates NaN
+    shift = lse_shift(new_max)
+    rescale, weight = torch.exp(lse_max - shift), torch.exp(lse_b - shift)
+    return out_sum * rescale.unsqueeze(-1) + out_b * weight.unsqueeze(-1), new_max, total * rescale + weight

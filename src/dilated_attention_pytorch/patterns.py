@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence, Union
 
+from .lru import cached
+
 __all__ = [
     "OffsetRule",
     "PatternGroup",
@@ -131,9 +133,7 @@ def pattern_groups(
     Segment, dilation and offset are effective: each is below or at ``n`` whatever ``w_i`` and ``r_i``
     are (``min(w_i, n)``, ``min(r_i, W_i)``), so sizes beyond int64 are fine. Cached (bounded LRU)."""
     key = offsets if isinstance(offsets, str) else tuple(tuple(int(o) for o in row) for row in offsets)
-    return _pattern_groups(
-        n, num_heads, tuple(segment_lengths), tuple(dilation_rates), key, bool(head_groups)
-    )
+    return cached(_pattern_groups, n, num_heads, tuple(segment_lengths), tuple(dilation_rates), key, bool(head_groups))
 
 
 def row_spans(n: int, segment: int, dilation: int, offset: int) -> list[RowSpan]:

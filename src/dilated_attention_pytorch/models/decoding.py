@@ -10,7 +10,7 @@ head the cache holds at most ``Σ_i ceil(w_i / r_i)`` keys however long the hist
 geometric configs keep ``w_i / r_i`` small, so this is well below the largest segment).
 
 A step merges, per head, the log-sum-exp partial results of the patterns whose phase matches with
-:func:`~dilated_attention_pytorch.merge.merge_partials` — the same combination the full pass uses,
+:func:`~dilated_attention_pytorch.merge.merge_step` — the same combination the full pass uses,
 so step ``t``'s output equals row ``t`` of the full causal forward pass (to rounding).
 """
 
@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..kernels import BlockInputs, acc_dtype, choose_kernel
-from ..merge import merge_partials
+from ..merge import finish_merge, lse_shift, merge_step
 from ..patterns import OffsetRule, pattern_groups
 
 __all__ = ["DecodingState", "DilatedKVCache"]
@@ -178,8 +178,9 @@ class DilatedKVCache:
         out_dtype = q.dtype  # e.g. bfloat16 under autocast; the cache computes in its own dtype
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
         acc = acc_dtype(self.dtype)
-        out = torch.zeros(b, h, d, dtype=acc, device=q.device)
-        lse = torch.full((b, h), float("-inf"), dtype=acc, device=q.device)
+        out_sum = torch.zeros(b, h, d, dtype=acc, device=q.device)
+        lse_max = torch.full((b, h), float("-inf"), dtype=acc, device=q.device)
+        total = torch.zeros(b, h, dtype=acc, device=q.device)
         for idx, slot in enumerate(self._slots):
             rel = t % slot.segment
             if rel == 0:
@@ -199,11 +200,10 @@ class DilatedKVCache:
             out_g, lse_g, _ = self._kernel.forward(
                 q_slot, keys, values, key_valid=None, is_causal=False, scale=self.scale, dropout_p=0.0
             )
-            merged_out, merged_lse = merge_partials(
-                out[:, slot.heads], lse[:, slot.heads], out_g[:, :, 0].to(acc), lse_g[:, :, 0].to(acc)
-            )
-            out[:, slot.heads] = merged_out
-            lse[:, slot.heads] = merged_lse
+            s = slot.heads
+            out_sum[:, s], lse_max[:, s], total[:, s] = merge_step(
+                out_sum[:, s], lse_max[:, s], total[:, s], out_g[:, :, 0].to(acc), lse_g[:, :, 0].to(acc))
+        out, _ = finish_merge(out_sum, lse_shift(lse_max), total)
         self.position = t + 1
         return out.to(out_dtype)
 

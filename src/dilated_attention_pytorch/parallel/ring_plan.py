@@ -28,7 +28,7 @@ from functools import lru_cache
 from typing import Sequence, Union
 
 from ..patterns import OffsetRule, RowSpan, pattern_groups
-from ..engine import Block, _as_index
+from ..planning import Block, as_index
 
 __all__ = ["RemoteCall", "RingPlan", "Transfer", "ring_plan"]
 
@@ -132,10 +132,10 @@ def _ring_plan(
     local_only = True
     for gi, pg in enumerate(groups):
         W, r, o = pg.segment, pg.dilation, pg.offset
-        heads = _as_index(pg.heads)
+        heads = as_index(pg.heads)
         kv_of_head = [j // qpk for j in pg.heads]
         kv_heads = tuple(sorted(set(kv_of_head)))
-        kv_index = _as_index(kv_of_head)
+        kv_index = as_index(kv_of_head)
         # Segments crossing a shard boundary, each once.
         spanning = sorted({(p * n_local) // W for p in range(1, world) if (p * n_local) % W != 0})
         local_only = local_only and not spanning

@@ -1,6 +1,6 @@
 """One-command GPU check for the models, decoding, compile and training (writes JSON under ``--out``).
 
-    python -m dilated_attention_pytorch.training.gpu_check --out results/models_gpu
+    python benchmarks/models_gpu_check.py --out results/models_gpu
 
 1. ``torch.compile(fullgraph=True)`` with inductor: DilatedAttention, MultiheadDilatedAttention and LongNetLM
    match eager (forward and gradients; bf16 and fp32) and their speed.
@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..factory import explain_auto
-from ..models import LongNetLM
+from dilated_attention_pytorch import explain_auto
+from dilated_attention_pytorch.models import LongNetLM
 
 __all__ = ["main"]
 
@@ -48,7 +48,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_compile(device: torch.device, s: int) -> list[dict[str, Any]]:
     """``s`` scales the sizes down (1 = full size; a dry run on CPU uses 64)."""
-    from .. import DilatedAttention, MultiheadDilatedAttention
+    from dilated_attention_pytorch import DilatedAttention, MultiheadDilatedAttention
 
     rows = []
     ws = [512 // s, 1024 // s, 2048 // s]
@@ -132,7 +132,7 @@ def check_decoding(device: torch.device, s: int) -> dict[str, Any]:
 
 
 def run_train(out: str, steps: int, dry_run: bool) -> dict[str, Any]:
-    from . import train
+    from dilated_attention_pytorch.training import train
 
     if dry_run:
         sizes = ["--device", "cpu", "--context", "64", "--segments", "16", "32", "64", "--dilations", "1", "2", "4",
@@ -149,7 +149,7 @@ def run_train(out: str, steps: int, dry_run: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m dilated_attention_pytorch.training.gpu_check", description=__doc__)
+    p = argparse.ArgumentParser(prog="python benchmarks/models_gpu_check.py", description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--train-steps", type=int, default=600)
     p.add_argument("--skip", nargs="*", default=[], choices=["compile", "decoding", "train"])
