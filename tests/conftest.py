@@ -1,4 +1,4 @@
-"""Shared helpers: devices, random inputs (fresh each run), float64 reference comparisons."""
+"""Fixtures and hooks only (shared helpers are in ``tests.helpers``)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import os
 import pytest
 import torch
 
+from tests.helpers.tensors import DEVICES
+
 # Without a GPU, Triton kernels run in Triton's interpreter on the CPU (set before triton is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(params=DEVICES)
@@ -20,15 +19,19 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
-def rand_qkv(b, n, h, h_kv, d, *, dtype=torch.float64, device="cpu", requires_grad=True, generator=None):
-    """Fresh random inputs; never zeros."""
-    def one(heads):
-        t = torch.randn(b, n, heads, d, dtype=torch.float64, generator=generator).to(device=device, dtype=dtype)
-        return t.requires_grad_(requires_grad)
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (everything under tests/cuda/) are skipped where CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
-    return one(h), one(h_kv), one(h_kv)
 
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+@pytest.fixture
+def fresh_dynamo():
+    """A clean torch.compile cache before and after the test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rand_qkv
+from tests.helpers.tensors import rand_qkv
 from dilated_attention_pytorch import (
     BlockSparseRingMultiheadDilatedAttention,
     DilatedAttention,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import rand_qkv
+from tests.helpers.tensors import rand_qkv
 from dilated_attention_pytorch import ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
 from dilated_attention_pytorch.reference import reference_dilated_attention
 

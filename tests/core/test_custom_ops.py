@@ -18,7 +18,7 @@ from dilated_attention_pytorch.block_sparse import block_sparse_attention  # noq
 from dilated_attention_pytorch.block_sparse.triton_path import BWD_OP, FWD_OP, tile_settings  # noqa: E402
 from dilated_attention_pytorch.kernels.triton_gather import GATHER_OP  # noqa: E402
 
-from conftest import rand_qkv  # noqa: E402
+from tests.helpers.tensors import rand_qkv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log(0) = -inf in the interpreter

@@ -26,7 +26,7 @@ from dilated_attention_pytorch.parallel.ring import (
 )
 from dilated_attention_pytorch.reference import reference_dilated_attention
 
-from distributed_utils import TOL, run_distributed
+from tests.helpers.distributed import TOL, run_distributed
 
 SEGS, DILS = (4, 16), (1, 2)
 

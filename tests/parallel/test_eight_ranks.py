@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from distributed_utils import case, check_bytes_flat, check_sharded, random_cases, run_distributed
+from tests.helpers.distributed import case, check_bytes_flat, check_sharded, random_cases, run_distributed
 
 WORLD = 8
 RING_CASES = [

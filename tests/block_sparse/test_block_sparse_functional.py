@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rand_qkv, rel_err
+from tests.helpers.tensors import rand_qkv, rel_err
 from dilated_attention_pytorch.block_sparse import block_sparse_attention, block_sparse_backend
 from dilated_attention_pytorch.block_sparse.functional import plan_for_layout
 from dilated_attention_pytorch.block_sparse.reference import reference_block_sparse_attention

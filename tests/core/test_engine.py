@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rand_qkv
+from tests.helpers.tensors import rand_qkv
 from dilated_attention_pytorch import dilated_attention, explain_backend
 from dilated_attention_pytorch.engine import EngineOptions, run_engine
 from dilated_attention_pytorch.planning import chunk_bounds, plan_blocks

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rand_qkv, rel_err
+from tests.helpers.tensors import rand_qkv, rel_err
 
 pytest.importorskip("triton")
 

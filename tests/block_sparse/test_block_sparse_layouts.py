@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rand_qkv
+from tests.helpers.tensors import rand_qkv
 from dilated_attention_pytorch.block_sparse import (
     SparsePatternConfig,
     adaptive_layout,

@@ -8,7 +8,7 @@ import torch
 
 from dilated_attention_pytorch.kernels import KERNELS, BlockInputs, MathKernel
 
-from conftest import rel_err
+from tests.helpers.tensors import rel_err
 
 CASES = [(1, 16), (7, 16), (64, 64), (130, 128)]  # (rows L, head_dim)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.nn.attention import flex_attention
 
-from conftest import rand_qkv
+from tests.helpers.tensors import rand_qkv
 from dilated_attention_pytorch.block_sparse.flex import flex_reasons, layout_block_mask
 from dilated_attention_pytorch.block_sparse.reference import reference_block_sparse_attention
 

@@ -14,7 +14,7 @@ from dilated_attention_pytorch.parallel.head_parallel import (
     head_parallel_dilated_attention,
 )
 
-from distributed_utils import TOL, case, check_sharded, random_cases, run_distributed
+from tests.helpers.distributed import TOL, case, check_sharded, random_cases, run_distributed
 
 CASES = {
     2: [

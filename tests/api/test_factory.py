@@ -18,8 +18,8 @@ from dilated_attention_pytorch.factory import (
 )
 from dilated_attention_pytorch.reference import reference_dilated_attention
 
-from conftest import DEVICES
-from distributed_utils import run_distributed
+from tests.helpers.tensors import DEVICES
+from tests.helpers.distributed import run_distributed
 
 WS, RS = (4, 8), (1, 2)
 TOL = dict(rtol=1e-10, atol=1e-10)

@@ -7,9 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import LOW_PRECISION, rand_qkv, rel_err
+from tests.helpers.reference_checks import AWKWARD, check_low_precision
+from tests.helpers.tensors import LOW_PRECISION, rand_qkv, rel_err
 from dilated_attention_pytorch import dilated_attention
-from dilated_attention_pytorch.reference import count_matrix, reference_dilated_attention
+from dilated_attention_pytorch.reference import reference_dilated_attention
 
 
 def run_both(q, k, v, ws, rs, **kw):
@@ -62,20 +63,6 @@ def test_matches_reference_random(p):
     kw = dict(is_causal=p["is_causal"], offsets=p["offsets"], head_groups=p["head_groups"], key_padding_mask=mask,
               scale=p["scale"])
     assert_matches(*run_both(q, k, v, p["ws"], p["rs"], **kw))
-
-
-AWKWARD = [
-    # (n, h, h_kv, ws, rs, offsets, head_groups)            what it exercises
-    (50, 4, 4, [16], [1], "paper", False),                   # n % w != 0
-    (48, 4, 2, [16, 12], [3, 5], "paper", False),            # w % r != 0, GQA
-    (32, 5, 5, [8, 16], [2, 4], "paper", True),              # h % r != 0 with head groups
-    (3, 4, 1, [8, 16], [4, 8], "paper", False),              # n < r, multi-query
-    (1, 3, 3, [4, 8], [2, 3], "torchscale", False),          # n = 1
-    (40, 4, 4, [8, 16], [2, 4], "group", False),             # all r > 1: rows nobody covers
-    (64, 6, 3, [16, 32, 64], [1, 2, 4], "torchscale", True),
-    (37, 4, 2, [16, 32], [2, 3], [[1, 0, 1, 0], [2, 1, 0, 2]], False),  # explicit offsets
-    (30, 2, 2, [30, 10], [1, 1], "paper", False),            # the same key through two patterns counts twice
-]
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -151,58 +138,11 @@ def test_dropout_mean_matches_no_dropout():
     assert rel_err(mean, plain) < 0.05
 
 
-def plain_low_precision(q, k, v, ws, rs, is_causal):
-    """The same formula computed plainly in the inputs' dtype: the error budget for low precision."""
-    b, n, h, d = q.shape
-    g = h // k.shape[2]
-    qd, kd, vd = q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2), v.repeat_interleave(g, 2).transpose(1, 2)
-    c = count_matrix(n, h, ws, rs, device=q.device)
-    allowed = c > 0
-    if is_causal:
-        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    s = (qd @ kd.transpose(-1, -2)) * d**-0.5 + torch.where(c > 0, c, 1.0).log().to(q.dtype)
-    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-    return (p @ vd).transpose(1, 2)
-
-
-def check_low_precision(q, k, v, ws, rs, is_causal, backend):
-    out = dilated_attention(q, k, v, ws, rs, is_causal=is_causal, backend=backend)
-    ref, _ = reference_dilated_attention(q, k, v, ws, rs, is_causal=is_causal)
-    plain = plain_low_precision(q, k, v, ws, rs, is_causal)
-    err, budget = rel_err(out, ref), rel_err(plain, ref)
-    assert err <= 2 * budget, (err, budget)
-    g_out = torch.randn_like(ref)
-    grads = torch.autograd.grad((out.double() * g_out).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * g_out).sum(), (q, k, v))
-    plain_grads = torch.autograd.grad((plain.double() * g_out).sum(), (q, k, v))
-    for gr, rg, pg in zip(grads, ref_grads, plain_grads):
-        # absolute norms: a reference gradient can be exactly zero (a row that sees only itself)
-        ours, plain_err = (gr.double() - rg).norm().item(), (pg.double() - rg).norm().item()
-        assert ours <= 2 * plain_err + 1e-3 * max(rg.norm().item(), 1.0), (ours, plain_err, rg.norm().item())
-
-
-LOW_PRECISION_BACKENDS = ["portable"] + (["fused"] if torch.cuda.is_available() else [])
-
-
-@pytest.mark.parametrize("backend", LOW_PRECISION_BACKENDS)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_low_precision_error_within_twice_plain_pytorch(dtype, is_causal, backend, device):
-    if backend == "fused" and device.type != "cuda":
-        return  # the fused backend exists on CUDA only; nothing to compare on CPU
+def test_low_precision_error_within_twice_plain_pytorch(dtype, is_causal, device):
     q, k, v = rand_qkv(2, 300, 8, 4, 64, device=device, dtype=dtype)
-    check_low_precision(q, k, v, [64, 128, 256], [1, 2, 4], is_causal, backend)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused backend runs on CUDA only")
-@pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("case", AWKWARD[:-2] + AWKWARD[-1:])
-def test_fused_awkward_shapes_bf16(case, is_causal):
-    n, h, h_kv, ws, rs, offsets, hg = case
-    if offsets != "paper" or hg:
-        return
-    q, k, v = rand_qkv(2, n, h, h_kv, 64, device="cuda", dtype=torch.bfloat16)
-    check_low_precision(q, k, v, ws, rs, is_causal, "fused")
+    check_low_precision(q, k, v, [64, 128, 256], [1, 2, 4], is_causal, "portable")
 
 
 def test_non_contiguous_inputs():

@@ -16,7 +16,7 @@ from dilated_attention_pytorch.parallel.ring import (
 )
 from dilated_attention_pytorch.parallel.ring_plan import ring_plan
 
-from distributed_utils import (
+from tests.helpers.distributed import (
     TOL, case, case_inputs, check_bytes_flat, check_sharded, random_cases, run_distributed,
 )
 
@@ -259,9 +259,9 @@ def test_fsdp2_example_trains_on_cpu():
     import sys
     from pathlib import Path
 
-    from distributed_utils import free_port
+    from tests.helpers.distributed import free_port
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "train_fsdp2.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "train_fsdp2.py"
     losses = {}
     for attention in ("ring", "head_parallel"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",

@@ -15,7 +15,7 @@ import threading
 import pytest
 import torch
 
-from conftest import rand_qkv, rel_err
+from tests.helpers.tensors import rand_qkv, rel_err
 from dilated_attention_pytorch import block_sparse_attention, dilated_attention
 from dilated_attention_pytorch.block_sparse.reference import reference_block_sparse_attention
 from dilated_attention_pytorch.engine import EngineOptions, run_engine

@@ -1,0 +1,1 @@
+"""The public API: functional, modules, factory, validation, capabilities, torch.compile, adversarial inputs."""

@@ -1,0 +1,1 @@
+"""Block-sparse attention: layouts, cache, portable, Triton and FlexAttention paths, modules."""

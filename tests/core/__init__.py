@@ -1,0 +1,1 @@
+"""The single-device core: block engine, kernels, patterns, merge, custom ops, numerics."""

@@ -1,0 +1,1 @@
+"""LongNet models: LM, decoding, Hugging Face integration, CLI, checkpoints."""
