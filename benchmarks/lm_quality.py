@@ -9,12 +9,16 @@ step and time fractions), so every kind ends its schedule at its own last step. 
 per byte at equal steps and at equal wall-clock time, held-out loss by position bucket (does the model use
 far context?), tokens/s. Writes a JSON file, two PNG plots and prints a markdown table.
 
-One context per command (each fits one 10-minute run on an H200, start-up included):
+Defaults: 8 layers, embed 512, 8 heads (26M parameters, the README's GPU ``train`` size), 64K bytes a
+step, bf16, 130 s of training per kind. One context per command; each should fit one 10-minute run on an
+H200, start-up, warm-up and evaluations included (the total is printed at the end):
 
-    python benchmarks/lm_quality.py --context 8192 --seconds 150
-    python benchmarks/lm_quality.py --context 32768 --seconds 150
+    python benchmarks/lm_quality.py --context 8192
+    python benchmarks/lm_quality.py --context 32768
 
-A tiny CPU run (seconds): ``python benchmarks/lm_quality.py --smoke --json /tmp/lmq.json --img-dir /tmp``.
+For equal tokens instead of equal time: ``--seconds 0 --steps 400``. A tiny CPU run (seconds):
+
+    python benchmarks/lm_quality.py --smoke --json /tmp/lmq.json --img-dir /tmp
 """
 
 from __future__ import annotations
@@ -51,21 +55,21 @@ SMOKE = dict(context=64, window=16, buckets=(8, 32), embed_dim=32, layers=2, hea
 class QualityConfig:
     context: int = 8192
     kinds: tuple[str, ...] = KINDS
-    seconds: Optional[float] = 150.0  # training wall clock per kind (evaluation not counted)
+    seconds: Optional[float] = 130.0  # training wall clock per kind (evaluation not counted)
     steps: Optional[int] = None  # at most this many steps per kind
     window: int = 2048  # w of local attention; w / r of every dilated pattern
     buckets: tuple[int, ...] = (1024, 4096, 16384)  # position bucket edges (0 and the context added)
     embed_dim: int = 512
-    layers: int = 6
+    layers: int = 8
     heads: int = 8
     batch_size: Optional[int] = None  # default: batch_tokens // context
     batch_tokens: int = 65536
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup: int = 30
+    warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 50  # steps
+    eval_every: int = 40  # steps
     eval_tokens: int = 262144  # held-out bytes per evaluation (windows of the context)
     seed: int = 0
     device: str = "auto"
@@ -328,12 +332,13 @@ def run(cfg: QualityConfig) -> dict[str, Any]:
     corpus = load_corpus(cfg.corpus, min_bytes=cfg.context + 2)
     print(f"corpus: {corpus.description}\ndevice: {device}, {cfg.dtype}; batch {cfg.batch} x {cfg.context} bytes; "
           f"budget {cfg.seconds} s / {cfg.steps} steps per kind", flush=True)
-    runs = []
+    runs, t0 = [], time.perf_counter()
     for kind in cfg.kinds:
         runs.append(train_kind(kind, cfg, corpus, device))
         r = runs[-1]
         print(f"{kind}: {r['steps']} steps in {r['train_seconds']} s, {r['tokens_per_s']:,.0f} tokens/s, "
               f"held-out {r['final_bpb']:.4f} bits/byte", flush=True)
+    print(f"all kinds: {time.perf_counter() - t0:.0f} s, evaluations and warm-ups included", flush=True)
     return {
         "date": datetime.date.today().isoformat(), "commit": _commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
