@@ -28,7 +28,6 @@ import dataclasses
 import datetime
 import json
 import math
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dilated_attention_pytorch.bench.cli import git_commit
 from dilated_attention_pytorch.models import LongNetLM, LongNetLMConfig
 from dilated_attention_pytorch.training.data import Corpus, load_corpus
 from dilated_attention_pytorch.training.train import (
@@ -318,14 +318,6 @@ def plot_position(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path)
 
 
-def _commit() -> str:
-    try:
-        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-    except FileNotFoundError:
-        return "unknown"
-    return res.stdout.strip() or "unknown"
-
-
 def run(cfg: QualityConfig) -> dict[str, Any]:
     """Train every kind of ``cfg.kinds``; the result that is written as JSON."""
     device = resolve_device(cfg.device)
@@ -340,7 +332,7 @@ def run(cfg: QualityConfig) -> dict[str, Any]:
               f"held-out {r['final_bpb']:.4f} bits/byte", flush=True)
     print(f"all kinds: {time.perf_counter() - t0:.0f} s, evaluations and warm-ups included", flush=True)
     return {
-        "date": datetime.date.today().isoformat(), "commit": _commit(),
+        "date": datetime.date.today().isoformat(), "commit": git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__, "python": sys.version.split()[0], "corpus": corpus.description,
         "config": {**dataclasses.asdict(cfg), "batch": cfg.batch, "eval_windows": cfg.eval_windows},
