@@ -195,13 +195,16 @@ def train_kind(kind: str, cfg: QualityConfig, corpus: Corpus, device: torch.devi
 
     def evaluate(step: int, seconds: float) -> None:
         last["losses"] = losses = position_losses(model, val_x, val_y, cfg.batch, device, dtype)  # (n,) nats
-        history.append({"step": step, "seconds": round(seconds, 3), "bpb": losses.mean().item() / math.log(2)})
+        train_bpb = sum(train_losses) / len(train_losses) / math.log(2) if train_losses else None
+        train_losses.clear()
+        history.append({"step": step, "seconds": round(seconds, 3), "bpb": losses.mean().item() / math.log(2),
+                        "train_bpb": train_bpb})  # train_bpb: the mean over the steps since the last evaluation
         print(f"  {kind:8s} step {step:5d}  {seconds:7.1f} s  held-out {history[-1]['bpb']:.4f} bits/byte",
               flush=True)
 
     history: list[dict[str, float]] = []
     last: dict[str, torch.Tensor] = {}
-    train_log: list[list[float]] = []
+    train_losses: list[float] = []
     evaluate(0, 0.0)
     model.train()
     step, elapsed = 0, 0.0
@@ -214,10 +217,9 @@ def train_kind(kind: str, cfg: QualityConfig, corpus: Corpus, device: torch.devi
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        value = loss.item()  # waits for the step
+        train_losses.append(loss.item())  # waits for the step
         elapsed += time.perf_counter() - t0
         step += 1
-        train_log.append([step, round(elapsed, 3), value / math.log(2)])
         if step % cfg.eval_every == 0:
             evaluate(step, elapsed)
     if history[-1]["step"] != step:
@@ -228,7 +230,7 @@ def train_kind(kind: str, cfg: QualityConfig, corpus: Corpus, device: torch.devi
         "dilation_rates": list(dilations), "parameters": model.num_parameters(), "steps": step,
         "train_seconds": round(elapsed, 2), "tokens_per_s": step * cfg.batch * cfg.context / elapsed,
         "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "final_bpb": history[-1]["bpb"], "val_history": history, "train_history": train_log,
+        "final_bpb": history[-1]["bpb"], "val_history": history,
         "positions": position_summary(last["losses"], cfg),
     }
 

@@ -43,7 +43,8 @@ def test_smoke_run_writes_json_plots_and_table(lmq, tmp_path, capsys):
         assert list(r["positions"]["buckets"]) == ["0-8", "8-32", "32-64"]
         assert all(math.isfinite(v) for v in r["positions"]["buckets"].values())
         assert all(math.isfinite(bpb) and 1 <= pos <= 64 for pos, bpb in r["positions"]["curve"])
-        assert len(r["train_history"]) == steps
+        assert r["val_history"][0]["train_bpb"] is None
+        assert all(math.isfinite(h["train_bpb"]) for h in r["val_history"][1:])
     # Same seed: the same weights and parameter count for every kind, and learning happens.
     assert len({r["parameters"] for r in saved["runs"]}) == 1
     assert all(r["final_bpb"] < r["val_history"][0]["bpb"] for r in saved["runs"])
