@@ -30,7 +30,7 @@ from ..functional import dilated_attention
 from .flops import attended_pairs, dense_pairs, useful_flops
 from .measure import measure
 
-__all__ = ["BenchConfig", "main", "run"]
+__all__ = ["BenchConfig", "git_commit", "main", "run"]
 
 GPU_DEFAULT = dict(seq_lens=[65536, 262144, 1048576], heads=16, head_dim=128,
                    segments=[2048, 4096, 8192, 16384, 32768], dilations=[1, 2, 4, 8, 16], dtype="bfloat16")
@@ -180,7 +180,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """$GIT_COMMIT, else the short hash of HEAD, else ``unknown``."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
@@ -199,7 +200,7 @@ def write_outputs(cfg: BenchConfig, rows: list[dict], out_dir: Path, name: str) 
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu"
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=device,
-                torch=torch.__version__, commit=_commit(), config=dataclasses.asdict(cfg))
+                torch=torch.__version__, commit=git_commit(), config=dataclasses.asdict(cfg))
     (out_dir / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     with open(out_dir / f"{name}.csv", "w") as f:
         f.write(",".join(rows[0]) + "\n")

@@ -24,7 +24,10 @@ from ..models import LongNetLM, LongNetLMConfig
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import Corpus, load_corpus
 
-__all__ = ["build_parser", "evaluate", "main", "run"]
+__all__ = [
+    "DTYPES", "autocast", "build_optimizer", "build_parser", "evaluate", "learning_rate", "main", "position_losses",
+    "resolve_device", "run",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # On --resume the checkpoint's settings win, except these, which the command line gives: how far to go,
@@ -82,7 +85,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--warmup must be >= 0 and --min-lr-ratio in [0, 1], got {args.warmup}, {args.min_lr_ratio}")
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``, ...; CUDA asked for but absent is a ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -99,32 +103,40 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95), ``args.lr``; ``args.weight_decay`` on matrices other than the embedding."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to ``dtype`` on ``device`` (off for float32: parameters stay float32 either way)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 @torch.no_grad()
-def evaluate(model: LongNetLM, corpus: Corpus, args: argparse.Namespace, device: torch.device) -> float:
-    """Held-out bits per byte on fixed windows (every position predicts the next byte)."""
+def position_losses(model: LongNetLM, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Mean next-byte loss (nats) at each position of the windows ``x, y (count, n)``: float64 ``(n,)``."""
     was_training = model.training
     model.eval()
-    x, y = corpus.val_windows(args.eval_windows, args.context)
-    total, count = 0.0, 0
-    for i in range(0, x.shape[0], args.batch_size):
-        xb, yb = x[i : i + args.batch_size].to(device), y[i : i + args.batch_size].to(device)
-        with _autocast(device, DTYPES[args.dtype]):
-            logits = model(xb)
-        total += F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="sum").item()
-        count += yb.numel()
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        with autocast(device, dtype):
+            logits = model(xb)  # (b, n, 256)
+        loss = F.cross_entropy(logits.float().transpose(1, 2), yb, reduction="none")  # (b, n)
+        total += loss.double().sum(0).cpu()
     model.train(was_training)
-    return total / count / math.log(2)
+    return total / x.shape[0]
+
+
+def evaluate(model: LongNetLM, corpus: Corpus, args: argparse.Namespace, device: torch.device) -> float:
+    """Held-out bits per byte on fixed windows (every position predicts the next byte)."""
+    x, y = corpus.val_windows(args.eval_windows, args.context)
+    return position_losses(model, x, y, args.batch_size, device, DTYPES[args.dtype]).mean().item() / math.log(2)
 
 
 def _rng_state(device: torch.device, data_gen: torch.Generator) -> dict[str, Any]:
@@ -200,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ckpt = load_checkpoint(ckpt_path, required=_CHECKPOINT_KEYS)
         args = _resumed_args(ckpt["args"], args, ckpt_path)
         _check_args(args)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     corpus = load_corpus(args.corpus, min_bytes=args.context + 2)
     if ckpt is not None and ckpt["corpus_sha256"] != corpus.sha256:
         raise ValueError(
@@ -215,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         positions=args.positions, dropout=args.dropout, attention_type=args.attention_type,
     )
     model = LongNetLM(config).to(device)
-    optimizer = _optimizer(model, args)
+    optimizer = build_optimizer(model, args)
     data_gen = torch.Generator().manual_seed(args.seed + 1)
     history: dict[str, list] = {"train": [], "val": []}
     start, elapsed = 0, 0.0
@@ -256,7 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         x, y = (t.to(device) for t in corpus.batch(args.batch_size, args.context, data_gen))
-        with _autocast(device, DTYPES[args.dtype]):
+        with autocast(device, DTYPES[args.dtype]):
             logits = step_fn(x)  # (b, n, 256)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
