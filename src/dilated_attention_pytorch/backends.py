@@ -26,10 +26,10 @@ def chunk_tokens(n: int) -> int:
     return max(1, min(CHUNK_TOKENS, n))
 
 
-# The fused path: its block kernel, plus the Triton gather-merge (it reads raw data pointers: not traceable
-# yet) and a backward that sums gradients in the input dtype and takes no LSE gradient.
+# The fused path: its block kernel, plus the Triton gather-merge (a torch.library op: compiled graphs hold
+# it) and a backward that sums gradients in the input dtype and takes no LSE gradient.
 FUSED = Backend(
-    "fused", Support(lse_grad=False, compile=False, packages=("triton",)) & FUSED_KERNELS[0].support,
+    "fused", Support(lse_grad=False, packages=("triton",)) & FUSED_KERNELS[0].support,
     "cuDNN attention per block on strided views, one Triton gather-merge per chunk", FUSED_KERNELS[0],
 )
 PORTABLE = Backend("portable", Support(), "per block the first block kernel below that fits; fp32 merge in PyTorch ops")

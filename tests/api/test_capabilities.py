@@ -37,7 +37,7 @@ def test_a_backend_of_two_parts_supports_what_both_do():
         devices=("cuda",), dtypes=(torch.float16,), max_head_dim=128, head_dim_multiple=8, dropout=False)
     assert both == Support(devices=("cuda",), dtypes=(torch.float16,), max_head_dim=128, head_dim_multiple=8,
                            dropout=False, compile=False, packages=("triton",))
-    assert FUSED.support == Support(lse_grad=False, compile=False, packages=("triton",)) & FUSED.kernel.support
+    assert FUSED.support == Support(lse_grad=False, packages=("triton",)) & FUSED.kernel.support
 
 
 def test_the_runner_takes_the_first_that_fits_and_else_lists_every_reason():

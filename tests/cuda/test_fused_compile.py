@@ -8,9 +8,6 @@ import torch
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("fresh_dynamo")]
 
 
-@pytest.mark.xfail(strict=True, reason="not done yet: the fused path declares compile=False until the block "
-                   "executor traces without graph breaks (on an H200, with compile allowed, Dynamo stopped at the "
-                   "capability check's importlib.util.find_spec)")
 @pytest.mark.parametrize("module_class", ["DilatedAttention", "ImprovedDilatedAttention"])
 def test_fused_path_compiles_fullgraph_with_the_gather_op_in_the_graph(module_class):
     """torch.compile(fullgraph=True) of a module on CUDA bf16 runs the fused path: the gather-merge

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_quality.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lm_quality.py"
 
 
 def _load():
