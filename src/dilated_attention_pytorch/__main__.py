@@ -6,7 +6,8 @@ import argparse
 import importlib
 import sys
 
-from ._cli import PROG, Parser
+from ._cli import PROG, Parser, UsageError
+from .training.checkpoint import CheckpointError
 
 # command -> (module with main(argv), what it does)
 COMMANDS = {
@@ -43,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     # the options before the command and the command are ours; everything after it is the command's
     end = next((i + 1 for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     args = build_parser().parse_args(argv[:end])
-    importlib.import_module(COMMANDS[args.command][0]).main(argv[end:])
+    command = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        command.main(argv[end:])
+    except (UsageError, CheckpointError) as err:  # a mistake in what was asked: one line, exit status 2
+        command.build_parser().error(str(err))
 
 
 if __name__ == "__main__":

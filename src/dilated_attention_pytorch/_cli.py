@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -14,7 +14,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 class UsageError(ValueError):
-    """A mistake in what the command line asked for: printed on one line, exit status 2."""
+    """A mistake in what the command line asked for: ``python -m dilated_attention_pytorch`` prints it on
+    one line and exits with status 2 (as it does for an unreadable checkpoint); called as functions, the
+    commands raise it."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -36,18 +38,6 @@ def plain(doc: str) -> str:
 
 def parser(command: str, doc: str) -> argparse.ArgumentParser:
     return Parser(prog=f"{PROG} {command}", description=plain(doc), formatter_class=HelpFormatter)
-
-
-def run(p: argparse.ArgumentParser, argv: Optional[list[str]], fn: Callable[[argparse.Namespace], Any]) -> Any:
-    """Parse ``argv`` and call ``fn(args)``; a :class:`UsageError` (or an unreadable checkpoint) becomes
-    ``p.error``: one line ``<prog>: error: <message>`` on stderr, exit status 2."""
-    from .training.checkpoint import CheckpointError
-
-    args = p.parse_args(argv)
-    try:
-        return fn(args)
-    except (UsageError, CheckpointError) as err:
-        p.error(str(err))
 
 
 def check(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from . import _cli
@@ -9,10 +11,10 @@ from .bench.measure import measure
 from .functional import dilated_attention
 from .backends import explain_backend
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     gpu = torch.cuda.is_available()
     p = _cli.parser("demo", __doc__)
     p.add_argument("--seq", type=_cli.positive_int, default=4096, help="sequence length (tokens)")
@@ -26,7 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", type=_cli.device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--dtype", choices=_cli.DTYPES, default="bfloat16" if gpu else "float32",
                    help="dtype of q, k, v (bfloat16 on a GPU, float32 on CPU)")
-    _cli.run(p, argv, _demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    _demo(build_parser().parse_args(argv))
 
 
 def _demo(args) -> None:

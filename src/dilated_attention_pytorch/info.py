@@ -14,9 +14,10 @@ from typing import Optional
 
 import torch
 
+from . import _cli
 from .capabilities import has_package, render_table
 
-__all__ = ["BackendStatus", "collect", "main", "tables"]
+__all__ = ["BackendStatus", "build_parser", "collect", "main", "tables"]
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,15 @@ def tables() -> str:
     return f"dilated attention: backends and block kernels\n{backend_table()}\n\nblock-sparse attention\n{sparse}"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return _cli.parser("info", __doc__)
+
+
 def main(argv: Optional[list[str]] = None) -> list[BackendStatus]:
-    parser = argparse.ArgumentParser(prog="python -m dilated_attention_pytorch info", description=__doc__)
-    parser.parse_args(argv)
+    return _info(build_parser().parse_args(argv))
+
+
+def _info(args: argparse.Namespace) -> list[BackendStatus]:
     from . import __version__
 
     print(f"dilated-attention-pytorch {__version__}, torch {torch.__version__}, python {platform.python_version()} "

@@ -14,6 +14,7 @@ under --out, never over an earlier run's files.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -34,7 +35,7 @@ from ..functional import dilated_attention
 from .flops import attended_pairs, dense_pairs, useful_flops
 from .measure import Timing, time_calls
 
-__all__ = ["BenchConfig", "main", "run"]
+__all__ = ["BenchConfig", "build_parser", "main", "run"]
 
 GPU_DEFAULT = dict(seq_lens=[65536, 262144, 1048576], heads=16, head_dim=128,
                    segments=[2048, 4096, 8192, 16384, 32768], dilations=[1, 2, 4, 8, 16], dtype="bfloat16")
@@ -302,7 +303,7 @@ def write_outputs(cfg: BenchConfig, rows: list[dict], out_dir: Path, name: str) 
     return paths
 
 
-def main(argv: Optional[list[str]] = None) -> list[Path]:
+def build_parser() -> argparse.ArgumentParser:
     on_gpu = torch.cuda.is_available()
     base = GPU_DEFAULT if on_gpu else CPU_DEFAULT
     pos = _cli.positive_int
@@ -329,7 +330,11 @@ def main(argv: Optional[list[str]] = None) -> list[Path]:
     p.add_argument("--name", default=None, help="file name stem for JSON/CSV/PNG (default: bench-<cpu|gpu>-<date>-"
                    "<time>); a taken stem gets -2, -3, ...: nothing is overwritten")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return _cli.run(p, argv, _bench)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> list[Path]:
+    return _bench(build_parser().parse_args(argv))
 
 
 def _bench(a) -> list[Path]:

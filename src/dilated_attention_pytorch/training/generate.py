@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> list[str]:
-    return _cli.run(build_parser(), argv, _generate)
+    return _generate(build_parser().parse_args(argv))
 
 
 def _generate(args: argparse.Namespace) -> list[str]:

@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    summary = _cli.run(build_parser(), argv, run)
+    summary = run(build_parser().parse_args(argv))
     if summary["step"] < summary["steps"]:
         print(f"stopped at step {summary['step']} of {summary['steps']}; continue with --resume")
     else:
