@@ -100,15 +100,7 @@ def test_every_option_has_help_and_shows_its_default(capsys):
             assert "(default: %(default)s)" in shown, (name, action.dest)  # the formatter adds the default
 
 
-def test_the_help_example_of_stop_works(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    train.main(TINY_TRAIN + ["--steps", "2", "--eval-every", "1", "--out", out, "--no-progress"])
-    for stop in ("\\n", "\n", "e"):
-        texts = generate.main([out, "--max-new-bytes", "8", "--stop", stop])
-        assert len(texts) == 1
-
-
-def test_train_prints_its_folder_first_and_a_line_per_evaluation(tmp_path, capsys):
+def test_train_prints_its_folder_first_and_a_line_per_evaluation_and_stop_examples_work(tmp_path, capsys):
     out = tmp_path / "run"
     train.main(TINY_TRAIN + ["--steps", "4", "--eval-every", "2", "--out", str(out), "--no-progress"])
     lines = capsys.readouterr().out.splitlines()
@@ -117,6 +109,9 @@ def test_train_prints_its_folder_first_and_a_line_per_evaluation(tmp_path, capsy
     assert [line.split(":")[0] for line in evals] == ["step 2/4", "step 4/4"]
     assert all("held-out" in line and "bits/byte" in line for line in evals)
     assert lines[-1] == f"wrote checkpoint.pt, loss.png and metrics.json in {out.resolve()}"
+    for stop in ("\\n", "\n", "e"):  # --stop's help examples: '\n' typed in a shell, and $'\n'
+        texts = generate.main([str(out), "--max-new-bytes", "8", "--stop", stop])
+        assert len(texts) == 1
 
 
 def test_bench_header_legend_absolute_paths_and_no_overwrite(tmp_path, capsys):
