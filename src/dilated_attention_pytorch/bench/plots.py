@@ -70,7 +70,7 @@ def time_plot(rows: list[dict], modes: list[str], methods: list[str], title: str
             if est and pts:
                 est = [pts[-1]] + est  # the dashed line continues the measured one
                 ax.plot(*zip(*est), marker=marker, color=color, ls="--", mfc="none",
-                        label="dense, extrapolated ∝ n² (not run: too long or out of memory)")
+                        label="dense, extrapolated ∝ n² (not run: past --dense-max or out of memory)")
         _axes(ax, "time per call (ms, median)", f"{MODE_NAMES[mode]}: {title}", log_y=True)
     fig.tight_layout()
     fig.savefig(path)
