@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     width = max(map(len, COMMANDS))
     listing = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items())
     p = Parser(
-        prog=PROG, usage=f"{PROG} [-h] [--version] COMMAND [options]", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, usage=f"{PROG} [-h] [--version] COMMAND [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Exact LongNet dilated attention for PyTorch: benchmarks, checks and a small language model.",
         epilog=f"commands:\n{listing}\n\n'{PROG} COMMAND --help' lists a command's options and their defaults.",
     )

@@ -186,7 +186,9 @@ def check_key_padding_mask(mask: Any, query: torch.Tensor) -> Optional[torch.Ten
         raise TypeError(f"key_padding_mask must have dtype torch.bool (True = padding), but got {mask.dtype}")
     expected = (query.shape[0], query.shape[1])
     if tuple(mask.shape) != expected:
-        hint = " (inputs laid out (seq, batch, ...)? multihead modules take those with batch_first=False)" if mask.shape == expected[::-1] else ""
+        hint = ""
+        if mask.shape == expected[::-1]:
+            hint = " (inputs laid out (seq, batch, ...)? multihead modules take those with batch_first=False)"
         raise ValueError(
             f"key_padding_mask must have shape (batch, seq) = {expected}, but got {tuple(mask.shape)}{hint}"
         )

@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=pos, default=None, help="key/value heads (grouped-query; default: --heads)")
     p.add_argument("--head-dim", type=pos, default=base["head_dim"], help="dimension of each head")
     p.add_argument("--segments", type=pos, nargs="+", default=base["segments"], help="segment length w of each pattern")
-    p.add_argument("--dilations", type=pos, nargs="+", default=base["dilations"], help="dilation rate r of each pattern")
+    p.add_argument("--dilations", type=pos, nargs="+", default=base["dilations"],
+                   help="dilation rate r of each pattern")
     p.add_argument("--dtype", default=base["dtype"], choices=_cli.DTYPES, help="dtype of q, k, v")
     p.add_argument("--batch", type=pos, default=1, help="batch size")
     p.add_argument("--causal", action="store_true", help="causal masking")
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"],
                    help="forward, forward + backward")
     p.add_argument("--dense-max", type=pos, default=base["dense_max"],
-                   help="longest sequence for whole-sequence dense SDPA (longer: extrapolated ∝ n² in the time plot)")
+                   help="longest sequence for whole-sequence dense SDPA (longer: extrapolated ∝ n² in the plot)")
     p.add_argument("--warmup", type=pos, default=3, help=f"warm-up calls per measurement (and >= {MIN_WARMUP_S} s)")
     p.add_argument("--repeats", type=pos, default=10, help=f"timed calls per measurement (and >= {MIN_TIME_S} s)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"),

@@ -7,7 +7,8 @@ from pathlib import Path
 
 __all__ = ["time_plot", "tflops_plot"]
 
-STYLE = {"dense": ("black", "s"), "ceiling": ("tab:gray", "^"), "portable": ("tab:blue", "o"), "fused": ("tab:red", "D")}
+STYLE = {"dense": ("black", "s"), "ceiling": ("tab:gray", "^"), "portable": ("tab:blue", "o"),
+         "fused": ("tab:red", "D")}
 
 
 def _figure(modes: list[str]):

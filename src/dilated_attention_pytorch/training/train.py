@@ -300,7 +300,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elapsed += time.perf_counter() - t0
     plot_losses(history, os.path.join(args.out, "loss.png"))
     summary: dict[str, Any] = {
-        "out": os.path.abspath(args.out), "step": stop, "steps": args.steps, "train_seconds": round(elapsed, 1), "device": str(device),
+        "out": os.path.abspath(args.out),
+        "step": stop, "steps": args.steps, "train_seconds": round(elapsed, 1), "device": str(device),
         "dtype": args.dtype, "parameters": model.num_parameters(), "corpus": corpus.description,
         "final_train_bpb": history["train"][-1][1] / math.log(2) if history["train"] else None,
         "val_bpb": history["val"][-1][1] if history["val"] else None, "val_history": history["val"],
