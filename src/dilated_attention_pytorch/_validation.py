@@ -130,8 +130,16 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
+LAYOUT_HINT = (
+    "; tensors are (batch, seq, heads, head_dim), not (batch, heads, seq, head_dim) as for "
+    "F.scaled_dot_product_attention: convert those with .transpose(1, 2)"
+)
+
+
 def check_qkv(query: Any, key: Any, value: Any) -> None:
-    """query (b, n, h, d); key and value (b, n, h_kv, d) with h % h_kv == 0."""
+    """query (b, n, h, d); key and value (b, n, h_kv, d) with h % h_kv == 0. A shape mismatch names the
+    dimension that differs and reminds of the layout (a (b, h, n, d) tensor is caught only when the
+    shapes disagree: every 4-d shape is a valid (b, n, h, d))."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, but got {type(t).__name__}")
@@ -145,15 +153,20 @@ def check_qkv(query: Any, key: Any, value: Any) -> None:
     if key.shape != value.shape:
         raise ValueError(f"key and value must have the same shape, but got {tuple(key.shape)} and {tuple(value.shape)}")
     b, n, h, d = query.shape
-    if key.shape[0] != b or key.shape[1] != n or key.shape[3] != d:
+    kb, kn, kh, kd = key.shape
+    if kb != b:
+        raise ValueError(f"query and key must have the same batch size, but query has {b} and key {kb}{LAYOUT_HINT}")
+    if kn != n:
         raise ValueError(
-            "key must have shape (batch, seq, kv_heads, head_dim) matching query's batch, seq and head_dim "
-            f"{(b, n, '*', d)}, but got {tuple(key.shape)}"
+            f"query and key must have the same sequence length (dim 1), but query has {n} tokens and key {kn}: "
+            f"dilated attention is self-attention over one sequence{LAYOUT_HINT}"
         )
+    if kd != d:
+        raise ValueError(f"query and key must have the same head_dim (dim 3), but got {d} and {kd}{LAYOUT_HINT}")
     if n == 0:
         raise ValueError("query must have at least one token (seq >= 1), but got seq = 0")
     if h % key.shape[2] != 0:
-        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({key.shape[2]})")
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kh}){LAYOUT_HINT}")
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(f"query, key and value must have one dtype, but got {query.dtype}, {key.dtype}, {value.dtype}")
     if not (query.device == key.device == value.device):
@@ -173,7 +186,12 @@ def check_key_padding_mask(mask: Any, query: torch.Tensor) -> Optional[torch.Ten
         raise TypeError(f"key_padding_mask must have dtype torch.bool (True = padding), but got {mask.dtype}")
     expected = (query.shape[0], query.shape[1])
     if tuple(mask.shape) != expected:
-        raise ValueError(f"key_padding_mask must have shape (batch, seq) = {expected}, but got {tuple(mask.shape)}")
+        hint = ""
+        if mask.shape == expected[::-1]:
+            hint = " (inputs laid out (seq, batch, ...)? multihead modules take those with batch_first=False)"
+        raise ValueError(
+            f"key_padding_mask must have shape (batch, seq) = {expected}, but got {tuple(mask.shape)}{hint}"
+        )
     if mask.device != query.device:
         raise ValueError(f"key_padding_mask must be on the device of query ({query.device}), but got {mask.device}")
     return mask

@@ -3,45 +3,47 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from . import _cli
+from .bench.measure import measure
 from .functional import dilated_attention
 from .backends import explain_backend
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
-def _time(fn, repeats: int) -> float:
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1e3
+def build_parser() -> argparse.ArgumentParser:
+    gpu = torch.cuda.is_available()
+    p = _cli.parser("demo", __doc__)
+    p.add_argument("--seq", type=_cli.positive_int, default=4096, help="sequence length (tokens)")
+    p.add_argument("--heads", type=_cli.positive_int, default=8, help="attention heads")
+    p.add_argument("--head-dim", type=_cli.positive_int, default=64, help="dimension of each head")
+    p.add_argument("--segments", type=_cli.positive_int, nargs="+", default=[512, 1024, 2048],
+                   help="segment length w of each pattern")
+    p.add_argument("--dilations", type=_cli.positive_int, nargs="+", default=[1, 2, 4],
+                   help="dilation rate r of each pattern (one per segment length)")
+    p.add_argument("--causal", action="store_true", help="causal masking")
+    p.add_argument("--device", type=_cli.device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    p.add_argument("--dtype", choices=_cli.DTYPES, default="bfloat16" if gpu else "float32",
+                   help="dtype of q, k, v (bfloat16 on a GPU, float32 on CPU)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dilated_attention_pytorch demo", description=__doc__)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--segments", type=int, nargs="+", default=[512, 1024, 2048])
-    parser.add_argument("--dilations", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    args = parser.parse_args(argv)
+    _demo(build_parser().parse_args(argv))
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+def _demo(args) -> None:
+    from ._validation import check_patterns
+
+    _cli.check(check_patterns, args.segments, args.dilations)
+    device, dtype = _cli.resolve_device(args.device), getattr(torch, args.dtype)
     shape = (1, args.seq, args.heads, args.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
     run = lambda: dilated_attention(q, k, v, args.segments, args.dilations, is_causal=args.causal)  # noqa: E731
-    ms = _time(run, repeats=5)
+    ms, _ = measure(run, device, warmup=2, repeats=5)
 
     n_check = min(args.seq, 1024)
     qs, ks, vs = (t[:, :n_check] for t in (q, k, v))
@@ -52,5 +54,5 @@ def main(argv: list[str] | None = None) -> None:
     print(f"dilated attention  b=1 n={args.seq} h={args.heads} d={args.head_dim} {args.dtype} on {device}")
     print(f"patterns           w={args.segments} r={args.dilations} causal={args.causal}")
     print(f"backend            {explain_backend(q)}")
-    print(f"forward time       {ms:.2f} ms")
+    print(f"forward time       {ms:.2f} ms (median)")
     print(f"rel. error vs float64 reference (first {n_check} tokens): {err:.2e}")

@@ -55,6 +55,17 @@ class ImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
             return self.qkv_proj(query).split(self._split(), dim=-1)
         return tuple(nn.functional.linear(x, w, b) for x, (w, b) in zip((query, key, value), self._qkv()))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if strict and prefix + "qkv_proj.weight" not in state_dict and prefix + "q_proj.weight" in state_dict:
+            error_msgs.append(
+                f"the state dict at {prefix or 'the top level'!r} has separate q_proj/k_proj/v_proj weights (a "
+                "MultiheadDilatedAttention's); this module fuses them into qkv_proj: load it into a "
+                "MultiheadDilatedAttention m and convert with ImprovedMultiheadDilatedAttention.from_multihead(m)"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     # -- lossless conversion -----------------------------------------------------------------------
     def _settings(self) -> dict:
         c = self.attention.config
@@ -64,7 +75,7 @@ class ImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
             dilation_rates=c.dilation_rates, dropout=c.dropout, bias=self.out_proj.bias is not None,
             layer_norm=self.norm is not None, layer_norm_eps=self.norm.eps if self.norm is not None else 1e-5,
             gamma_init=self.gamma_init, num_kv_heads=self.num_kv_heads, softmax_scale=c.softmax_scale,
-            offsets=c.offsets, head_groups=c.head_groups, device=p.device, dtype=p.dtype,
+            offsets=c.offsets, head_groups=c.head_groups, device=p.device, dtype=p.dtype, batch_first=self.batch_first,
         )
 
     @classmethod

@@ -1,5 +1,8 @@
-"""``python -m dilated_attention_pytorch info``: what every backend supports (the capability tables), and every
-backend, kernel and attention family: available here or not, and why."""
+"""python -m dilated_attention_pytorch info: what every backend supports (the capability tables the
+dispatchers read); then, each with yes/no and why: the runtime (CUDA, Triton, torch.distributed), every
+optional extra of the package, every backend of dilated attention (fused, portable, reference) and its
+block kernels (cudnn, cuda_flash, cpu_flash, math), every backend of block-sparse attention (portable,
+flex, triton) on typical inputs of each device, and every attention family of the factory."""
 
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ from typing import Optional
 
 import torch
 
+from . import _cli
 from .capabilities import has_package, render_table
 
-__all__ = ["BackendStatus", "collect", "main", "tables"]
+__all__ = ["BackendStatus", "build_parser", "collect", "main", "tables"]
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,15 @@ def _runtime() -> list[BackendStatus]:
     else:
         why = "torch built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
         rows.append(BackendStatus("runtime", "cuda", False, why))
-    triton = has_package("triton")
-    rows.append(BackendStatus("runtime", "triton", triton, "importable" if triton else
-                              "not installed (pip install 'dilated-attention-pytorch[triton]')"))
+    triton, gpu = has_package("triton"), torch.cuda.is_available()
+    if not triton:
+        why = "not installed (pip install 'dilated-attention-pytorch[triton]'): no fused path, no Triton block-sparse"
+    elif gpu:
+        why = "installed: the fused path's gather kernel and the block-sparse kernels can run"
+    else:
+        why = "installed, but unused without a CUDA GPU (its kernels run on CPU only in Triton's slow interpreter, " \
+              "TRITON_INTERPRET=1, as the tests do)"
+    rows.append(BackendStatus("runtime", "triton", triton and gpu, why))
     if not dist.is_available():
         rows.append(BackendStatus("runtime", "torch.distributed", False, "torch built without distributed support"))
     else:
@@ -74,10 +84,27 @@ def _runtime() -> list[BackendStatus]:
         rows.append(BackendStatus("runtime", "nccl", nccl and torch.cuda.is_available(),
                                   "GPU process groups" if nccl and torch.cuda.is_available()
                                   else ("built, but no CUDA GPU here" if nccl else "not built into torch")))
-    for pkg, extra in (("transformers", "hf"), ("tqdm", "bench"), ("matplotlib", "bench")):
-        found = has_package(pkg)
-        why = "installed" if found else f"not installed (pip install 'dilated-attention-pytorch[{extra}]')"
-        rows.append(BackendStatus("optional packages", pkg, found, why))
+    return rows
+
+
+# extra -> (its packages, what it gives); tests check this against pyproject.toml
+EXTRAS = {
+    "triton": (("triton",), "the fused GPU path and the block-sparse Triton kernels (CUDA only)"),
+    "bench": (("tqdm", "matplotlib"), "the bench command, train's progress bar and loss plot"),
+    "hf": (("transformers",), "the Hugging Face attention registration"),
+    "deepspeed": (("deepspeed",), "DeepSpeed ZeRO training (examples/DEEPSPEED.md); nothing in the package imports it"),
+    "test": (("pytest", "hypothesis", "pytest_timeout"), "the test suite"),
+}
+
+
+def _extras() -> list[BackendStatus]:
+    rows = []
+    for extra, (packages, use) in EXTRAS.items():
+        missing = [p for p in packages if not has_package(p)]
+        why = f"{', '.join(packages)}: " + (f"installed; for {use}" if not missing else
+                                           f"{', '.join(missing)} not installed (pip install "
+                                           f"'dilated-attention-pytorch[{extra}]'); for {use}")
+        rows.append(BackendStatus("optional extras", f"[{extra}]", not missing, why))
     return rows
 
 
@@ -91,7 +118,7 @@ def _families() -> list[BackendStatus]:
 
 
 def collect() -> list[BackendStatus]:
-    return _runtime() + _probes() + _families()
+    return _runtime() + _extras() + _probes() + _families()
 
 
 def tables() -> str:
@@ -103,9 +130,15 @@ def tables() -> str:
     return f"dilated attention: backends and block kernels\n{backend_table()}\n\nblock-sparse attention\n{sparse}"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return _cli.parser("info", __doc__)
+
+
 def main(argv: Optional[list[str]] = None) -> list[BackendStatus]:
-    parser = argparse.ArgumentParser(prog="python -m dilated_attention_pytorch info", description=__doc__)
-    parser.parse_args(argv)
+    return _info(build_parser().parse_args(argv))
+
+
+def _info(args: argparse.Namespace) -> list[BackendStatus]:
     from . import __version__
 
     print(f"dilated-attention-pytorch {__version__}, torch {torch.__version__}, python {platform.python_version()} "

@@ -44,7 +44,9 @@ def causal_mask_or_raise(attn_mask: Optional[torch.Tensor], n: int) -> bool:
 class BaseMultiheadDilatedAttention(nn.Module):
     """Projections around a dilated-attention core, MAGNETO style (sub-LayerNorm before ``out_proj``).
 
-    Input ``(b, n, embed_dim)``; ``forward`` returns ``(out, None)`` (weights are never materialised).
+    Input ``(b, n, embed_dim)``, or ``(n, b, embed_dim)`` with ``batch_first=False`` (the meaning of
+    ``nn.MultiheadAttention``'s flag, whose default is ``False``; here it is ``True``); ``key_padding_mask``
+    is ``(b, n)`` either way. ``forward`` returns ``(out, None)`` (weights are never materialised).
     The core is ``attention``: a :class:`BaseDilatedAttention` module, or a class (or callable) that
     builds one from ``segment_lengths, dilation_rates, softmax_scale, dropout`` and the keywords
     ``offsets``, ``head_groups``, ``backend`` and any further keyword arguments; by default the
@@ -73,9 +75,11 @@ class BaseMultiheadDilatedAttention(nn.Module):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         attention: Union[BaseDilatedAttention, Callable[..., BaseDilatedAttention], None] = None,
+        batch_first: bool = True,
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.batch_first = V.check_bool("batch_first", batch_first)
         embed_dim = V.check_int("embed_dim", embed_dim)
         num_heads = V.check_int("num_heads", num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else V.check_int("num_kv_heads", num_kv_heads)
@@ -115,14 +119,16 @@ class BaseMultiheadDilatedAttention(nn.Module):
         self.reset_parameters()
 
     def _check_inputs(self, *named: tuple[str, torch.Tensor]) -> None:
-        """Dense ``(batch, seq, embed_dim)`` tensors of one dtype, the parameters' dtype unless autocast is on."""
+        """Dense ``(batch, seq, embed_dim)`` tensors (``(seq, batch, embed_dim)`` unless ``batch_first``) of one
+        dtype, the parameters' dtype unless autocast is on."""
+        layout = "batch, seq" if getattr(self, "batch_first", True) else "seq, batch"
         for name, t in named:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, but got {type(t).__name__}")
             V.check_dense(name, t)
             if t.dim() != 3 or t.shape[-1] != self.embed_dim:
                 raise ValueError(
-                    f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), but got {tuple(t.shape)}"
+                    f"{name} must have shape ({layout}, embed_dim={self.embed_dim}), but got {tuple(t.shape)}"
                 )
         dtypes = [t.dtype for _, t in named]
         if len(set(dtypes)) != 1:
@@ -178,8 +184,10 @@ class BaseMultiheadDilatedAttention(nn.Module):
                 "need_weights=True: dilated attention never materialises attention weights; returning None",
                 stacklevel=2,
             )
+        if not self.batch_first:  # (n, b, e) -> (b, n, e), keeping self-attention's one tensor one tensor
+            seen: dict[int, torch.Tensor] = {}
+            query, key, value = (seen.setdefault(id(t), t.transpose(0, 1)) for t in (query, key, value))
         is_causal = V.check_bool("is_causal", is_causal) or causal_mask_or_raise(attn_mask, query.shape[1])
-        b, n, _ = query.shape
         q, k, v = self._project(query, key, value)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (b, n, h, d)
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # (b, n, h_kv, d)
@@ -188,8 +196,20 @@ class BaseMultiheadDilatedAttention(nn.Module):
         x = x.flatten(2)  # (b, n, embed_dim)
         if self.norm is not None:
             x = self.norm(x)
-        return self.out_proj(x), None
+        out = self.out_proj(x)
+        return (out if self.batch_first else out.transpose(0, 1)), None
 
 
 class MultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     """Multi-head dilated attention with separate q/k/v projections (README, "Modules")."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if strict and prefix + "q_proj.weight" not in state_dict and prefix + "qkv_proj.weight" in state_dict:
+            error_msgs.append(
+                f"the state dict at {prefix or 'the top level'!r} has one fused qkv_proj weight (an "
+                "ImprovedMultiheadDilatedAttention's); this module has separate q_proj/k_proj/v_proj: load it into "
+                "an ImprovedMultiheadDilatedAttention m and convert with m.to_multihead()"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

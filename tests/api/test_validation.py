@@ -34,7 +34,7 @@ BAD_CALLS = [
     (dict(key_padding_mask=torch.zeros(1, 15, dtype=torch.bool)), ValueError, "key_padding_mask"),
     (dict(query=torch.randn(16, 4, 8)), ValueError, "query"),
     (dict(query=torch.randn(1, 16, 3, 8)), ValueError, "multiple of key/value heads"),
-    (dict(query=torch.randn(1, 17, 4, 8)), ValueError, "key must have shape"),
+    (dict(query=torch.randn(1, 17, 4, 8)), ValueError, "same sequence length"),
     (dict(query=torch.randn(1, 16, 4, 8, dtype=torch.float64)), TypeError, "one dtype"),
     (dict(query=torch.ones(1, 16, 4, 8, dtype=torch.long)), TypeError, "floating-point"),
     (dict(value=torch.randn(1, 16, 1, 8)), ValueError, "same shape"),

@@ -80,7 +80,7 @@ def test_info_lists_every_backend_and_why(capsys):
     text = capsys.readouterr().out
     names = {r.name for r in rows}
     assert {"cuda", "triton", "torch.distributed", "cpu_flash", "cuda_flash", "math", "standard", "improved",
-            "ring", "distributed", "block_sparse", "auto", "transformers"} <= names
+            "ring", "distributed", "block_sparse", "auto", "[hf]", "[triton]", "[deepspeed]", "fused"} <= names
     assert "auto -> " in text
     for row in rows:
         assert row.detail, row  # every entry says why

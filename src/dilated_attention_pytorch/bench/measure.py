@@ -1,14 +1,22 @@
-"""Timing (device events, median of repeats) and peak memory."""
+"""Timing (device events, median and quartiles of repeats) and peak memory."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = ["measure"]
+__all__ = ["Timing", "measure", "time_calls"]
+
+
+class Timing(NamedTuple):
+    ms: float  # median of the timed calls
+    p25: float  # first quartile
+    p75: float  # third quartile
+    calls: int  # timed calls
+    peak: float  # peak bytes allocated during one call (0 on CPU)
 
 
 def _sync(device: torch.device) -> None:
@@ -16,14 +24,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, *, min_warmup_s: float = 0.05,
-            min_time_s: float = 0.1) -> tuple[float, float]:
-    """-> (median milliseconds, peak bytes allocated during one call; 0 on CPU).
-
-    Warms up for at least ``warmup`` calls and ``min_warmup_s`` seconds (clocks ramp up, kernels load),
-    then times at least ``repeats`` calls and ``min_time_s`` seconds: short calls get many repeats, so
-    that their medians are as steady as those of long ones.
-    """
+def time_calls(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, *,
+               min_warmup_s: float = 0.05, min_time_s: float = 0.1) -> Timing:
+    """Warms up for at least ``warmup`` calls and ``min_warmup_s`` seconds (clocks ramp up, kernels load,
+    allocator caches fill), then times at least ``repeats`` calls and ``min_time_s`` seconds: short calls
+    get many repeats, so that their medians are as steady as those of long ones."""
     t0 = time.perf_counter()
     done = 0
     while done < warmup or time.perf_counter() - t0 < min_warmup_s:
@@ -49,4 +54,12 @@ def measure(fn: Callable[[], None], device: torch.device, warmup: int, repeats: 
             t1 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t1) * 1e3)
-    return statistics.median(times), peak
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+    return Timing(statistics.median(times), q1, q3, len(times), peak)
+
+
+def measure(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, *, min_warmup_s: float = 0.05,
+            min_time_s: float = 0.1) -> tuple[float, float]:
+    """-> (median milliseconds, peak bytes allocated during one call; 0 on CPU); see :func:`time_calls`."""
+    t = time_calls(fn, device, warmup, repeats, min_warmup_s=min_warmup_s, min_time_s=min_time_s)
+    return t.ms, t.peak

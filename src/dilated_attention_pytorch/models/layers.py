@@ -57,6 +57,8 @@ class DilatedSelfAttention(BaseMultiheadDilatedAttention):
         if kind == "auto":  # whole sequences: never a sequence-parallel type
             kind = explain_auto(single_device=True).attention_type
         super().__init__(embed_dim, num_heads, attention=functools.partial(create_dilated_attention, kind), **kwargs)
+        if not self.batch_first:
+            raise ValueError("DilatedSelfAttention takes x of shape (batch, seq, embed_dim): batch_first must be True")
         self.attention_type = kind
         self.rotary = None if positions is None else RotaryEmbedding(self.head_dim, kind=positions)
 

@@ -8,7 +8,10 @@ from typing import Optional
 
 import torch
 
+from .. import _cli
+from .._cli import UsageError
 from ..models import LongNetLM, LongNetLMConfig
+from ..models.sampling import check_sampling
 from .checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["load_model", "main"]
@@ -19,8 +22,10 @@ def load_model(path: str, device: Optional[str] = None) -> LongNetLM:
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.exists(path):
-        raise ValueError(
-            f"checkpoint {path!r} does not exist; train one with `python -m dilated_attention_pytorch train`"
+        raise UsageError(
+            f"checkpoint {os.path.abspath(path)!r} does not exist; give the path train printed as its output "
+            "folder, or train one with `python -m dilated_attention_pytorch train` (it writes runs/longnet-lm "
+            "under the folder it runs in)"
         )
     ckpt = load_checkpoint(path, required=("config", "model"))
     try:
@@ -32,34 +37,47 @@ def load_model(path: str, device: Optional[str] = None) -> LongNetLM:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dilated_attention_pytorch generate", description=__doc__)
-    p.add_argument("checkpoint", nargs="?", default="runs/longnet-lm", help="checkpoint.pt or its folder")
+    p = _cli.parser("generate", __doc__)
+    p.add_argument("checkpoint", nargs="?", default="runs/longnet-lm",
+                   help="checkpoint.pt or the folder holding it (train's output folder)")
     p.add_argument("--prompt", default="def ", help="text to continue (utf-8 bytes)")
-    p.add_argument("--num-samples", type=int, default=1, help="samples decoded together as one batch")
-    p.add_argument("--max-new-bytes", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--stop", default=None, help="stop a sample at this single byte/character, e.g. $'\\n\\n' ")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-samples", type=_cli.positive_int, default=1, help="samples decoded together as one batch")
+    p.add_argument("--max-new-bytes", type=int, default=300, help="bytes to generate per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=_cli.positive_int, default=40, help="sample among the k likeliest bytes")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the likeliest bytes of this total "
+                   "probability, in (0, 1]; None = off")
+    p.add_argument("--stop", default=None, help="stop a sample after this byte; one character or escape, "
+                   "e.g. '\\n' or $'\\n'; None = no stop byte")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    p.add_argument("--device", type=_cli.device, default="cpu", help="cpu, cuda, cuda:1, or auto")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> list[str]:
-    args = build_parser().parse_args(argv)
-    model = load_model(args.checkpoint, args.device)
+    return _generate(build_parser().parse_args(argv))
+
+
+def _generate(args: argparse.Namespace) -> list[str]:
     prompt = args.prompt.encode("utf-8")
     if not prompt:
-        raise ValueError("--prompt must not be empty")
+        raise UsageError("--prompt must not be empty")
+    _cli.check(check_sampling, args.temperature, args.top_k, args.top_p)
+    if args.max_new_bytes < 0:
+        raise UsageError(f"--max-new-bytes must be >= 0, but got {args.max_new_bytes}")
     stop = None
     if args.stop is not None:
-        stop_bytes = args.stop.encode("utf-8").decode("unicode_escape").encode("latin-1")
+        try:
+            stop_bytes = args.stop.encode("utf-8").decode("unicode_escape").encode("latin-1")
+        except (UnicodeDecodeError, UnicodeEncodeError) as err:
+            raise UsageError(f"--stop {args.stop!r} is not one byte: {err}") from err
         if len(stop_bytes) != 1:
-            raise ValueError(f"--stop must be one byte (e.g. '\\n'), but got {args.stop!r}")
+            raise UsageError(f"--stop must be one byte (e.g. '\\n'), but got {args.stop!r} ({len(stop_bytes)} bytes)")
         stop = stop_bytes[0]
-    ids = torch.tensor([list(prompt)] * args.num_samples, dtype=torch.long, device=args.device)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    device = _cli.resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
+    ids = torch.tensor([list(prompt)] * args.num_samples, dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(ids, args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, stop_token=stop, generator=gen)
     texts = []

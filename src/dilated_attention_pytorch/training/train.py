@@ -20,6 +20,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _cli
+from .._cli import UsageError
+from .._validation import check_dropout, check_patterns
 from ..models import LongNetLM, LongNetLMConfig
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import Corpus, load_corpus
@@ -38,60 +41,67 @@ _CHECKPOINT_KEYS = ("model", "optimizer", "config", "args", "step", "rng", "hist
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dilated_attention_pytorch train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/longnet-lm", help="folder for checkpoint.pt, loss.png, metrics.json")
+    pos = _cli.positive_int
+    p = _cli.parser("train", __doc__)
+    p.add_argument("--out", default="runs/longnet-lm", help="folder for checkpoint.pt, loss.png, metrics.json "
+                   "(relative to the current folder)")
     p.add_argument("--resume", action="store_true", help="continue --out/checkpoint.pt (its settings win, except "
                    "--steps, --stop-after, --no-progress and the paths --out and --corpus, which come from the command "
                    "line; with the same --steps the losses equal an uninterrupted run's)")
     p.add_argument("--corpus", default=None, help="a file or folder of text (default: the Python stdlib sources)")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--stop-after", type=int, default=None, help="stop (and save) after this step, e.g. to resume")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--embed-dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--segments", type=int, nargs="+", default=[64, 128, 256])
-    p.add_argument("--dilations", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--positions", choices=["rotary", "xpos"], default="rotary")
-    p.add_argument("--attention-type", default="standard")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-windows", type=int, default=64)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--steps", type=pos, default=600, help="optimizer steps in the whole run")
+    p.add_argument("--stop-after", type=pos, default=None, help="stop (and save) after this step, e.g. to resume")
+    p.add_argument("--batch-size", type=pos, default=16, help="sequences per step")
+    p.add_argument("--context", type=pos, default=256, help="bytes per training sequence")
+    p.add_argument("--embed-dim", type=pos, default=128, help="model width")
+    p.add_argument("--layers", type=pos, default=4, help="decoder layers")
+    p.add_argument("--heads", type=pos, default=4, help="attention heads")
+    p.add_argument("--kv-heads", type=pos, default=None, help="key/value heads (grouped-query; default: --heads)")
+    p.add_argument("--segments", type=pos, nargs="+", default=[64, 128, 256], help="segment length w of each pattern")
+    p.add_argument("--dilations", type=pos, nargs="+", default=[1, 2, 4], help="dilation rate r of each pattern")
+    p.add_argument("--positions", choices=["rotary", "xpos"], default="rotary", help="position encoding")
+    p.add_argument("--attention-type", default="standard", choices=["standard", "improved", "auto", "block_sparse"],
+                   help="attention implementation (auto: improved on a GPU whose fused path fits, else standard)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    p.add_argument("--warmup", type=int, default=40, help="linear warm-up steps, then cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
+    p.add_argument("--eval-every", type=pos, default=100, help="steps between held-out evaluations")
+    p.add_argument("--eval-windows", type=pos, default=64, help="held-out windows per evaluation")
+    p.add_argument("--save-every", type=pos, default=100, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="random seed (model, data order, sample)")
+    p.add_argument("--device", type=_cli.device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (params stay float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--sample-bytes", type=int, default=300)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--sample-bytes", type=int, default=300, help="bytes sampled after the last step (0: none)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar: one line per evaluation instead")
     return p
 
 
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "context", "eval_every", "eval_windows", "save_every"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
-        raise ValueError(f"--stop-after must be in [1, --steps={args.steps}], but got {args.stop_after}")
+        raise UsageError(f"--stop-after must be in [1, --steps={args.steps}], but got {args.stop_after}")
     if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1:
-        raise ValueError(f"--warmup must be >= 0 and --min-lr-ratio in [0, 1], got {args.warmup}, {args.min_lr_ratio}")
+        raise UsageError(f"--warmup must be >= 0 and --min-lr-ratio in [0, 1], got {args.warmup}, {args.min_lr_ratio}")
+    if args.kv_heads is not None and args.heads % args.kv_heads:
+        raise UsageError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    if args.embed_dim % args.heads:
+        raise UsageError(f"--embed-dim ({args.embed_dim}) must be a multiple of --heads ({args.heads})")
+    _cli.check(check_patterns, args.segments, args.dilations)
+    _cli.check(check_dropout, "--dropout", args.dropout)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``, ...; CUDA asked for but absent is a ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    """``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``, ...; CUDA asked for but absent is a usage error."""
+    device = _cli.resolve_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for CUDA, but torch.cuda.is_available() is False")
+        raise UsageError(f"--device {name} asked for CUDA, but torch.cuda.is_available() is False")
     return device
 
 
@@ -151,7 +161,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device, data_gen: torch.
     data_gen.set_state(state["data"])
     if device.type == "cuda":
         if "cuda" not in state:
-            raise ValueError("the checkpoint was written on CPU; resume it on CPU for an exact continuation")
+            raise UsageError("the checkpoint was written on CPU; resume it on CPU for an exact continuation")
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
@@ -203,19 +213,20 @@ def _resumed_args(saved: Any, given: argparse.Namespace, path: str) -> argparse.
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or resume) as ``args`` say; returns the summary also written to ``metrics.json``."""
     _check_args(args)
+    print(f"output folder: {os.path.abspath(args.out)}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     ckpt = None
     if args.resume:
         if not os.path.exists(ckpt_path):
-            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+            raise UsageError(f"--resume: no checkpoint at {os.path.abspath(ckpt_path)}")
         ckpt = load_checkpoint(ckpt_path, required=_CHECKPOINT_KEYS)
         args = _resumed_args(ckpt["args"], args, ckpt_path)
         _check_args(args)
     device = resolve_device(args.device)
     corpus = load_corpus(args.corpus, min_bytes=args.context + 2)
     if ckpt is not None and ckpt["corpus_sha256"] != corpus.sha256:
-        raise ValueError(
+        raise UsageError(
             f"--resume: the corpus ({corpus.description}) differs from the one checkpoint {ckpt_path!r} was "
             "trained on (sha256 mismatch); pass the original run's --corpus"
         )
@@ -252,8 +263,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "corpus_sha256": corpus.sha256, "elapsed_s": elapsed,
         })
 
-    if args.progress and start == 0:
+    if start == 0:
         print(f"corpus: {corpus.description}\nmodel: {model.num_parameters():,} parameters, {config}", flush=True)
+    else:
+        print(f"resuming at step {start} of {args.steps}", flush=True)
     bar = None
     if args.progress:
         try:
@@ -279,6 +292,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         done = step + 1
         if done % args.eval_every == 0 or done == args.steps:
             history["val"].append([done, evaluate(model, corpus, args, device)])
+            if bar is None:
+                recent = [v for _, v in history["train"][-args.eval_every:]]
+                print(f"step {done}/{args.steps}: train {sum(recent) / len(recent) / math.log(2):.3f} bits/byte "
+                      f"(mean of the last {len(recent)} steps), held-out {history['val'][-1][1]:.3f} bits/byte, "
+                      f"{elapsed + time.perf_counter() - t0:.0f} s", flush=True)
         if bar is not None:
             post = {"bpb": f"{loss.item() / math.log(2):.3f}"}
             if history["val"]:
@@ -294,6 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elapsed += time.perf_counter() - t0
     plot_losses(history, os.path.join(args.out, "loss.png"))
     summary: dict[str, Any] = {
+        "out": os.path.abspath(args.out),
         "step": stop, "steps": args.steps, "train_seconds": round(elapsed, 1), "device": str(device),
         "dtype": args.dtype, "parameters": model.num_parameters(), "corpus": corpus.description,
         "final_train_bpb": history["train"][-1][1] / math.log(2) if history["train"] else None,
@@ -317,6 +336,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
               f"held-out {summary['val_bpb']:.3f} bits/byte")
         if "sample" in summary:
             print("--- sample ---\n" + summary["sample"])
+    print(f"wrote checkpoint.pt, loss.png and metrics.json in {summary['out']}")
     return summary
 
 
