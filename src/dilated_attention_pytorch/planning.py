@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional, Sequence, Union
 
-from .lru import cached
 from .patterns import OffsetRule, RowSpan, pattern_groups, row_spans
 
 __all__ = ["Block", "HeadIndex", "all_heads", "as_index", "chunk_bounds", "covering_pattern", "index_key", "pieces",
