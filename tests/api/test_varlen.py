@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import pytest
 import torch
 
 from dilated_attention_pytorch import dilated_attention
+from dilated_attention_pytorch.backends import choose_backend
+from dilated_attention_pytorch.engine import EngineOptions, run_engine
+from dilated_attention_pytorch.kernels import CpuFlashKernel
 from dilated_attention_pytorch.reference import reference_dilated_attention
 
 PATTERNS = [((4, 8, 16), (1, 2, 4)), ((5, 12), (1, 3)), ((8,), (2,))]
@@ -181,3 +185,32 @@ def test_bad_varlen_arguments_rejected():
         dilated_attention(q4, k4, v4, (4,), (1,), sequence_starts=[0])
     with pytest.raises(TypeError, match="integer tensor"):
         dilated_attention(q4, k4, v4, (4,), (1,), sequence_starts=torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (the fused path's gather-merge)")
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_fused_merge_over_documents_matches_reference(is_causal):
+    """The fused path's per-group Triton gather-merge (its interpreter on the CPU) writes each document's
+    rows in place in the packed row, and a late-starting row's rows only."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe = torch.empty(1, 1, 1, 16, device=device, dtype=torch.float16)
+    kernel = CpuFlashKernel() if device == "cpu" else choose_backend("fused", probe, None, 0.0, False).kernel
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    rng = random.Random()
+    lengths = random_lengths(rng, 3, 24)
+    ws, rs = (4, 8), (1, 2)
+    opts = EngineOptions(tuple(min(w, sum(lengths)) for w in ws), rs, "paper", False, is_causal, 0.25, 0.0, kernel,
+                         chunk_tokens=8, merge="triton", grads_in_input_dtype=True)
+    q, k, v, cu = packed_inputs(lengths, 2, 2, 16)
+    starts = [0] + cu[1:-1].tolist()
+    documents = (tuple(zip(starts, cu[1:].tolist())), ((3, sum(lengths)),))  # row 1: starts at 3
+    q2, k2, v2 = (torch.stack([x.detach(), x.detach().flip(0)]).to(device, dtype) for x in (q, k, v))
+    out, lse = run_engine(q2, k2, v2, None, opts, documents)
+    ref, ref_lse = per_document_reference(q, k, v, lengths, ws, rs, is_causal=is_causal, scale=0.25)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[0].double().cpu(), ref, atol=tol, rtol=0)
+    torch.testing.assert_close(lse[0].double().cpu().T, ref_lse, atol=tol, rtol=0)
+    flipped = [x.detach().flip(0)[3:][None] for x in (q, k, v)]
+    ref1, _ = reference_dilated_attention(*flipped, ws, rs, is_causal=is_causal, scale=0.25)
+    torch.testing.assert_close(out[1, 3:].double().cpu(), ref1[0], atol=tol, rtol=0)
+    assert bool((out[1, :3] == 0).all()) and bool((lse[1, :3] == float("-inf")).all())
