@@ -37,7 +37,7 @@ from dilated_attention_pytorch.bench.measure import time_calls
 
 GPU = dict(total=262144, min_doc=1024, max_doc=131072, heads=16, head_dim=128, dtype="bfloat16",
            segments=[2048, 4096, 8192, 16384, 32768], dilations=[1, 2, 4, 8, 16], backend="fused")
-SMOKE = dict(total=2048, min_doc=64, max_doc=1024, heads=2, head_dim=16, dtype="float32",
+SMOKE = dict(total=1024, min_doc=32, max_doc=512, heads=2, head_dim=16, dtype="float32",
              segments=[128, 256], dilations=[1, 2], backend="portable")
 
 
