@@ -129,7 +129,10 @@ def varlen_documents(query: torch.Tensor, cu_seqlens, max_seqlen, sequence_start
     if sequence_starts is None:
         return None
     b, n = query.shape[:2]
-    return tuple(((s, n),) if s < n else () for s in V.check_sequence_starts(sequence_starts, b, n))
+    starts = V.check_sequence_starts(sequence_starts, b, n)
+    if not any(starts):  # every row starts at 0: the plain call (one group per chunk over the batch)
+        return None
+    return tuple(((s, n),) if s < n else () for s in starts)
 
 
 def _unpack(query, key, value, key_padding_mask):
