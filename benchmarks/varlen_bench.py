@@ -140,7 +140,8 @@ def run(args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | method | ms | spread % | useful TF/s | × ceiling | peak GB |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| mode | method | ms | spread % | useful TF/s | × ceiling | peak GB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         vs = f"{r['vs_ceiling']:.2f}" if r.get("vs_ceiling") else ""
         peak = f"{r['peak_gb']:.2f}" if r["peak_gb"] else ""

@@ -8,7 +8,8 @@ runs each block's backward with the merged output (see :mod:`.executor`).
 The sequence is processed in chunks (one executor group each) whose boundaries are boundaries of every
 pattern's segments, so fp32 temporaries are bounded by the chunk, not by ``n``; memory is O(n·w) with
 no n×n matrix. Variable-length inputs (packed documents, rows that start late) are the groups of each
-document's own program, shifted to where the document lies (:func:`documents_program`): no copy. A chunk of part of the sequence is run one batch entry at a time: with several, its
+document's own program, shifted to where the document lies (:func:`documents_program`): no copy. A
+chunk of part of the sequence is run one batch entry at a time: with several, its
 segments are not evenly spaced in memory (the batch stride spans the whole sequence), and every block's
 rows would be copied instead of viewed.
 """

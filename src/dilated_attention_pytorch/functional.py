@@ -14,7 +14,7 @@ from .engine import Documents, EngineOptions, run_engine
 from .patterns import OffsetRule
 from .reference import REFERENCE_MAX_SCORES, reference_dilated_attention
 
-__all__ = ["AttentionArgs", "attend", "attention_args", "dilated_attention", "engine_options", "varlen_documents"]
+__all__ = ["AttentionArgs", "attend", "attention_args", "dilated_attention", "engine_options"]
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def _reference(query, key, value, key_padding_mask, args: AttentionArgs) -> tupl
     return out.to(query.dtype), lse if query.dtype == torch.float64 else lse.float()
 
 
-def varlen_documents(query: torch.Tensor, cu_seqlens, max_seqlen, sequence_starts) -> Optional[Documents]:
+def _documents(query: torch.Tensor, cu_seqlens, max_seqlen, sequence_starts) -> Optional[Documents]:
     """The documents of a call with ``cu_seqlens`` (``query (1, total, h, d)``, packed) or
     ``sequence_starts`` (row ``i`` is ``[start_i, n)``), checked; None without either."""
     if max_seqlen is not None and cu_seqlens is None:
@@ -185,8 +185,8 @@ def dilated_attention(
             once (a bounded LRU cache).
         max_seqlen: optional with ``cu_seqlens``: checked to be at least the longest document.
         sequence_starts: ``(b,)`` ints (a sequence or a tensor, one host sync): row ``i`` is the sequence
-            ``[start_i, n)`` (left padding): it equals that sequence unpadded; earlier rows are zeros,
-            LSE ``-inf``, and no key.
+            ``[start_i, n)`` (left padding): it equals that sequence unpadded; the positions before
+            ``start_i`` output zeros with LSE ``-inf`` and are nobody's keys.
 
     Rows that see no key get zeros, LSE ``-inf`` and no gradient.
     """
@@ -198,7 +198,7 @@ def dilated_attention(
         offsets=offsets, head_groups=head_groups, key_padding_mask=key_padding_mask, return_lse=return_lse,
         backend=backend,
     )
-    documents = varlen_documents(query, cu_seqlens, max_seqlen, sequence_starts)
+    documents = _documents(query, cu_seqlens, max_seqlen, sequence_starts)
     out, lse = attend(query, key, value, key_padding_mask, args, documents=documents)
     if packed:
         out, lse = out[0], lse[0]

@@ -198,7 +198,7 @@ class BaseMultiheadDilatedAttention(nn.Module):
                 "need_weights=True: dilated attention never materialises attention weights; returning None",
                 stacklevel=2,
             )
-        if not self.batch_first and not packed:  # (n, b, e) -> (b, n, e), keeping self-attention's one tensor one tensor
+        if not self.batch_first and not packed:  # (n, b, e) -> (b, n, e), self-attention's one tensor stays one
             seen = {}
             query, key, value = (seen.setdefault(id(t), t.transpose(0, 1)) for t in (query, key, value))
         is_causal = V.check_bool("is_causal", is_causal) or causal_mask_or_raise(attn_mask, query.shape[1])
@@ -211,7 +211,7 @@ class BaseMultiheadDilatedAttention(nn.Module):
         if packed:
             x = self.attention(q[0], k[0], v[0], is_causal=is_causal, key_padding_mask=key_padding_mask, **varlen)[None]
         else:
-            x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **varlen)  # (b, n, h, d)
+            x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **varlen)  # (b,n,h,d)
         x = x.flatten(2)  # (b, n, embed_dim)
         if self.norm is not None:
             x = self.norm(x)
