@@ -55,7 +55,7 @@ def test_left_padded_generate_equals_each_sequence_alone(llama):
     mask = torch.zeros(2, n, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, n - len(s):], mask[i, n - len(s):] = s, 1
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)  # no early stop at eos
     batched = llama.generate(ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw)
     for i, s in enumerate(seqs):
         one = llama.generate(s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long), output_scores=True,
