@@ -70,6 +70,17 @@ NOT_HONOURED = ("dilated attention honours only causal/bidirectional attention w
                 "this attention_mask is another pattern (sliding window or a custom mask)")
 
 
+def _key_padding_from_mask(
+    mask: torch.Tensor, q_len: int, kv_len: int, is_causal: bool
+) -> Optional[torch.Tensor]:
+    """A 4-D mask ``(b, 1|h, q, kv)`` (bool, True = attend; or additive float) -> ``key_padding_mask (b, kv)``
+    (True = padding), after checking that it is exactly causal/full attention restricted to valid keys."""
+    key_valid, plain = _mask_key_valid(mask, q_len, kv_len, is_causal)
+    if not plain:
+        raise ValueError(NOT_HONOURED)
+    return None if bool(key_valid.all()) else ~key_valid
+
+
 def _left_padding(padding: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``key_padding_mask (b, n)`` -> (each row's first valid position, or None when all are 0; the padding
     after it, or None when there is none): leading padding becomes a start, so segments start at the
