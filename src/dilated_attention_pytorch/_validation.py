@@ -195,3 +195,53 @@ def check_key_padding_mask(mask: Any, query: torch.Tensor) -> Optional[torch.Ten
     if mask.device != query.device:
         raise ValueError(f"key_padding_mask must be on the device of query ({query.device}), but got {mask.device}")
     return mask
+
+
+def check_cu_seqlens(cu_seqlens: Any, total: int, device: torch.device,
+                     max_seqlen: Any = None) -> tuple[tuple[int, int], ...]:
+    """Packed documents: ``cu_seqlens`` an int32/int64 tensor ``(B+1,)`` on ``device``, 0 first, strictly
+    increasing, ``total`` last -> the documents ``((start, stop), ...)``. Reads it on the host (one sync).
+    ``max_seqlen`` (optional): an int at least the longest document."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32/int64 tensor, but got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must have dtype torch.int32 or torch.int64, but got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have shape (documents + 1,) with at least 2 entries, but got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on the device of query ({device}), but got {cu_seqlens.device}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, but got cu_seqlens[0] = {cu[0]}")
+    bad = next((i for i in range(1, len(cu)) if cu[i] <= cu[i - 1]), None)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens must be strictly increasing (documents of at least one token), but got "
+                         f"cu_seqlens[{bad - 1}] = {cu[bad - 1]} and cu_seqlens[{bad}] = {cu[bad]}")
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the number of packed tokens ({total}), but got cu_seqlens[-1] = "
+                         f"{cu[-1]}")
+    longest = max(b - a for a, b in zip(cu, cu[1:]))
+    if max_seqlen is not None and check_int("max_seqlen", max_seqlen) < longest:
+        raise ValueError(f"max_seqlen must be at least the longest document ({longest} tokens), but got {max_seqlen}")
+    return tuple(zip(cu, cu[1:]))
+
+
+def check_sequence_starts(starts: Any, b: int, n: int) -> tuple[int, ...]:
+    """Per batch row the first valid position (left padding): ints in ``[0, n]``, ``(b,)`` (a sequence
+    or an integer tensor, read on the host)."""
+    if isinstance(starts, torch.Tensor):
+        if starts.dtype.is_floating_point or starts.dtype == torch.bool or starts.is_complex():
+            raise TypeError(f"sequence_starts must be an integer tensor, but got dtype {starts.dtype}")
+        if starts.dim() != 1:
+            raise ValueError(f"sequence_starts must have shape (batch,) = ({b},), but got shape {tuple(starts.shape)}")
+        starts = starts.tolist()
+    elif isinstance(starts, (str, bytes)) or not isinstance(starts, Sequence):
+        raise TypeError(f"sequence_starts must be a sequence of ints or an integer tensor, but got {starts!r}")
+    if len(starts) != b:
+        raise ValueError(f"sequence_starts must have one entry per batch row ({b}), but got {len(starts)}")
+    values = tuple(check_int(f"sequence_starts[{i}]", s, minimum=0) for i, s in enumerate(starts))
+    for i, s in enumerate(values):
+        if s > n:
+            raise ValueError(f"sequence_starts[{i}] must be in [0, seq={n}], but got {s}")
+    return values

@@ -17,7 +17,9 @@ class BaseDilatedAttention(nn.Module):
     """Holds a validated :class:`DilatedAttentionConfig`; subclasses choose how attention runs.
 
     Input ``query (b, n, h, d)``, ``key``/``value (b, n, h_kv, d)``; output ``(b, n, h, d)``.
-    Dropout applies in training mode only.
+    Dropout applies in training mode only. ``cu_seqlens``/``max_seqlen`` (packed documents, inputs
+    ``(total, h, d)``) and ``sequence_starts`` (left padding) as in :func:`dilated_attention`; on one
+    device only (subclasses that run attention another way, e.g. over ranks, reject them).
     """
 
     config: DilatedAttentionConfig
@@ -56,16 +58,27 @@ class BaseDilatedAttention(nn.Module):
         )
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False,
-                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self._attend(query, key, value, is_causal, key_padding_mask)
+                key_padding_mask: Optional[torch.Tensor] = None, *, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None, sequence_starts=None) -> torch.Tensor:
+        varlen = {name: x for name, x in (("cu_seqlens", cu_seqlens), ("max_seqlen", max_seqlen),
+                                          ("sequence_starts", sequence_starts)) if x is not None}
+        if not varlen:
+            return self._attend(query, key, value, is_causal, key_padding_mask)
+        if type(self)._attend is not BaseDilatedAttention._attend:
+            raise ValueError(
+                f"{type(self).__name__} does not support variable-length inputs ({', '.join(varlen)}): it splits "
+                "one sequence per batch row (over ranks or blocks); run packed documents or left-padded rows with "
+                "DilatedAttention or ImprovedDilatedAttention on one device"
+            )
+        return self._attend(query, key, value, is_causal, key_padding_mask, **varlen)
 
-    def _attend(self, query, key, value, is_causal, key_padding_mask) -> torch.Tensor:
-        """How this module runs attention (what subclasses change)."""
+    def _attend(self, query, key, value, is_causal, key_padding_mask, **varlen) -> torch.Tensor:
+        """How this module runs attention (what subclasses change; ``varlen`` only reaches this one)."""
         c = self.config
         return dilated_attention(
             query, key, value, c.segment_lengths, c.dilation_rates, is_causal=is_causal, scale=c.softmax_scale,
             dropout_p=c.dropout if self.training else 0.0, offsets=c.offsets, head_groups=c.head_groups,
-            key_padding_mask=key_padding_mask, backend=c.backend,
+            key_padding_mask=key_padding_mask, backend=c.backend, **varlen,
         )
 
 

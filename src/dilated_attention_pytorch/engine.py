@@ -7,14 +7,16 @@ runs each block's backward with the merged output (see :mod:`.executor`).
 
 The sequence is processed in chunks (one executor group each) whose boundaries are boundaries of every
 pattern's segments, so fp32 temporaries are bounded by the chunk, not by ``n``; memory is O(n·w) with
-no n×n matrix. A chunk of part of the sequence is run one batch entry at a time: with several, its
+no n×n matrix. Variable-length inputs (packed documents, rows that start late) are the groups of each
+document's own program, shifted to where the document lies (:func:`documents_program`): no copy. A
+chunk of part of the sequence is run one batch entry at a time: with several, its
 segments are not evenly spaced in memory (the batch stride spans the whole sequence), and every block's
 rows would be copied instead of viewed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Optional
 
@@ -27,7 +29,9 @@ from .lru import cached
 from .planning import all_heads, chunk_bounds, covering_pattern, pieces, plan_blocks
 from .views import Rows
 
-__all__ = ["EngineOptions", "engine_program", "run_engine"]
+__all__ = ["Documents", "EngineOptions", "documents_program", "engine_program", "run_engine"]
+
+Documents = tuple[tuple[tuple[int, int], ...], ...]  # per batch row, its documents [start, stop)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,27 @@ def engine_program(b: int, n: int, num_heads: int, num_kv_heads: int, key_mask: 
                    exact_backward=len(opts.segment_lengths) > 1)  # one pattern: shift = lse, total = 1
 
 
+@lru_cache(maxsize=128)
+def documents_program(b: int, n: int, num_heads: int, num_kv_heads: int, key_mask: bool, opts: EngineOptions,
+                      documents: Documents) -> Program:
+    """The program of a call whose batch row ``i`` holds the documents ``documents[i]``, each ``[start, stop)``
+    its own sequence (segments from its first token, ``W_i = min(w_i, stop - start)``, no key of another
+    document): each document's :func:`engine_program` groups, moved to its rows. Rows in no document get
+    zeros and LSE ``-inf``."""
+    groups = []
+    for i, row in enumerate(documents):
+        for start, stop in row:
+            length = stop - start
+            doc_opts = replace(opts, segment_lengths=tuple(min(w, length) for w in opts.segment_lengths),
+                               chunk_tokens=min(opts.chunk_tokens, length))
+            for g in cached(engine_program, 1, length, num_heads, num_kv_heads, key_mask, doc_opts).groups:
+                _, c0, c1 = g.rows
+                groups.append(Group(g.tasks, (slice(i, i + 1), start + c0, start + c1), g.gather))
+    covers_all = len(documents) == b and all(sum(e - s for s, e in row) == n for row in documents)
+    return Program(tuple(groups), opts.scale, opts.dropout_p, opts.grads_in_input_dtype,
+                   exact_backward=len(opts.segment_lengths) > 1, covers_all=covers_all)
+
+
 def _chunk_tasks(b: int, m: int, h: int, h_kv: int, key_mask: bool, segments: tuple[int, ...],
                  opts: EngineOptions) -> tuple[Task, ...]:
     blocks = cached(plan_blocks, m, h, h_kv, segments, opts.dilation_rates, opts.offsets, opts.head_groups,
@@ -91,8 +116,12 @@ def run_engine(
     value: torch.Tensor,
     key_valid: Optional[torch.Tensor],
     opts: EngineOptions,
+    documents: Optional[Documents] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (out (b, n, h, d), lse (b, n, h) in float32/float64)."""
+    """-> (out (b, n, h, d), lse (b, n, h) in float32/float64). ``documents``: see :func:`documents_program`."""
     b, n, h, _ = query.shape
-    program = cached(engine_program, b, n, h, key.shape[2], key_valid is not None, opts)
+    if documents is None:
+        program = cached(engine_program, b, n, h, key.shape[2], key_valid is not None, opts)
+    else:
+        program = cached(documents_program, b, n, h, key.shape[2], key_valid is not None, opts, documents)
     return execute(program, query, key, value, key_valid)

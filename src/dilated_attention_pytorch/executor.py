@@ -78,6 +78,7 @@ class Program:
     grads_in_input_dtype: bool = False  # accumulate gradients in the input dtype (no fp32 copy)
     exact_backward: bool = True  # float32/float64: the merge's (shift, total) backward
     exchange: Optional[Exchange] = None  # only with one group over all rows
+    covers_all: bool = True  # False: some rows are in no group (zeros, LSE -inf, no gradient)
 
     def __post_init__(self) -> None:
         if self.exchange is not None and (len(self.groups) != 1 or self.groups[0].rows is not None):
@@ -123,8 +124,12 @@ class _Execute(torch.autograd.Function):
         exchange = program.exchange
         pending = None if exchange is None else exchange.post(k, v, key_valid)
         spaces: list[Optional[Space]] = [(k, v, key_valid)]
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
+        if program.covers_all:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
+        else:  # rows no group covers: zeros and LSE -inf
+            out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+            lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         stats = (torch.empty_like(lse), torch.empty_like(lse)) if q.dtype == acc and program.exact_backward else None
         rngs = []
         for group in program.groups:
@@ -178,7 +183,8 @@ class _Execute(torch.autograd.Function):
         acc = acc_dtype(q.dtype)
         if dout is None:
             dout = torch.zeros_like(out)
-        grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # every group writes all its rows
+        new = torch.empty_like if program.covers_all else torch.zeros_like  # every group writes all its rows
+        grads = new(q), new(k), new(v)
         received = ctx.received
         received_grads = [(torch.zeros(rk.shape, dtype=acc, device=q.device),
                            torch.zeros(rv.shape, dtype=acc, device=q.device)) for rk, rv, _ in received]

@@ -46,7 +46,9 @@ class BaseMultiheadDilatedAttention(nn.Module):
 
     Input ``(b, n, embed_dim)``, or ``(n, b, embed_dim)`` with ``batch_first=False`` (the meaning of
     ``nn.MultiheadAttention``'s flag, whose default is ``False``; here it is ``True``); ``key_padding_mask``
-    is ``(b, n)`` either way. ``forward`` returns ``(out, None)`` (weights are never materialised).
+    is ``(b, n)`` either way. Packed documents: inputs ``(total, embed_dim)`` with ``cu_seqlens`` (and
+    ``key_padding_mask (total,)``); left padding: ``sequence_starts`` (see :func:`dilated_attention`).
+    ``forward`` returns ``(out, None)`` (weights are never materialised).
     The core is ``attention``: a :class:`BaseDilatedAttention` module, or a class (or callable) that
     builds one from ``segment_lengths, dilation_rates, softmax_scale, dropout`` and the keywords
     ``offsets``, ``head_groups``, ``backend`` and any further keyword arguments; by default the
@@ -177,26 +179,45 @@ class BaseMultiheadDilatedAttention(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
         need_weights: bool = False,
         attn_mask: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
+        sequence_starts=None,
     ) -> tuple[torch.Tensor, None]:
+        packed = cu_seqlens is not None
+        if packed:  # (total, embed_dim): one row of packed documents
+            for name, t in (("query", query), ("key", key), ("value", value)):
+                if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"with cu_seqlens (packed documents), {name} must have shape "
+                                     f"(total, embed_dim={self.embed_dim}), but got {shape}")
+            seen: dict[int, torch.Tensor] = {}
+            query, key, value = (seen.setdefault(id(t), t.unsqueeze(0)) for t in (query, key, value))
         self._check_inputs(("query", query), ("key", key), ("value", value))
         if need_weights:
             warnings.warn(
                 "need_weights=True: dilated attention never materialises attention weights; returning None",
                 stacklevel=2,
             )
-        if not self.batch_first:  # (n, b, e) -> (b, n, e), keeping self-attention's one tensor one tensor
-            seen: dict[int, torch.Tensor] = {}
+        if not self.batch_first and not packed:  # (n, b, e) -> (b, n, e), self-attention's one tensor stays one
+            seen = {}
             query, key, value = (seen.setdefault(id(t), t.transpose(0, 1)) for t in (query, key, value))
         is_causal = V.check_bool("is_causal", is_causal) or causal_mask_or_raise(attn_mask, query.shape[1])
         q, k, v = self._project(query, key, value)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (b, n, h, d)
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # (b, n, h_kv, d)
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)  # (b, n, h, d)
+        varlen = {name: x for name, x in (("cu_seqlens", cu_seqlens), ("max_seqlen", max_seqlen),
+                                          ("sequence_starts", sequence_starts)) if x is not None}
+        if packed:
+            x = self.attention(q[0], k[0], v[0], is_causal=is_causal, key_padding_mask=key_padding_mask, **varlen)[None]
+        else:
+            x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **varlen)  # (b,n,h,d)
         x = x.flatten(2)  # (b, n, embed_dim)
         if self.norm is not None:
             x = self.norm(x)
         out = self.out_proj(x)
+        if packed:
+            return out[0], None
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 

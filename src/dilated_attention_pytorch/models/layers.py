@@ -21,7 +21,7 @@ from .. import _validation as V
 from ..factory import create_dilated_attention, explain_auto
 from ..multihead import BaseMultiheadDilatedAttention
 from .decoding import DilatedKVCache
-from .positions import RotaryEmbedding
+from .positions import RotaryEmbedding, document_positions
 
 __all__ = ["CrossAttention", "DilatedSelfAttention", "FeedForward", "LongNetBlock", "magneto_gamma"]
 
@@ -82,8 +82,12 @@ class DilatedSelfAttention(BaseMultiheadDilatedAttention):
         is_causal: bool = True,
         key_padding_mask: Optional[torch.Tensor] = None,
         cache: Optional[DilatedKVCache] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x ``(b, n, embed_dim)`` -> ``(b, n, embed_dim)``. With ``cache``: causal, continues at ``cache.position``."""
+        """x ``(b, n, embed_dim)`` -> ``(b, n, embed_dim)``. With ``cache``: causal, continues at ``cache.position``.
+        ``cu_seqlens``: packed documents over the ``b * n`` flattened tokens (positions restart per document)."""
+        if cu_seqlens is not None:
+            return self._packed(x, is_causal, key_padding_mask, cache, cu_seqlens)
         self._check_inputs(("x", x))
         b, n, _ = x.shape
         q, k, v = self._project(x, x, x)
@@ -104,6 +108,22 @@ class DilatedSelfAttention(BaseMultiheadDilatedAttention):
             else:
                 out = cache.attend(q, k, v)
         out = out.flatten(2)  # (b, n, embed_dim)
+        if self.norm is not None:
+            out = self.norm(out)
+        return self.out_proj(out)
+
+    def _packed(self, x, is_causal, key_padding_mask, cache, cu_seqlens) -> torch.Tensor:
+        if cache is not None or key_padding_mask is not None:
+            raise ValueError("packed documents (cu_seqlens) take no decoding cache and no key_padding_mask")
+        self._check_inputs(("x", x))
+        b, n, _ = x.shape
+        q, k, v = self._project(x, x, x)
+        q = q.reshape(1, b * n, self.num_heads, self.head_dim)
+        k, v = (t.reshape(1, b * n, self.num_kv_heads, self.head_dim) for t in (k, v))
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, positions=document_positions(cu_seqlens.to(x.device), b * n))
+        out = self.attention(q[0], k[0], v[0], is_causal=is_causal, cu_seqlens=cu_seqlens)  # (b*n, h, d)
+        out = out.reshape(b, n, -1)
         if self.norm is not None:
             out = self.norm(out)
         return self.out_proj(out)
@@ -232,8 +252,10 @@ class LongNetBlock(nn.Module):
         cache: Optional[DilatedKVCache] = None,
         memory_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         memory_padding_mask: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        h = self.self_attn(self.self_attn_norm(x), is_causal=is_causal, key_padding_mask=key_padding_mask, cache=cache)
+        h = self.self_attn(self.self_attn_norm(x), is_causal=is_causal, key_padding_mask=key_padding_mask, cache=cache,
+                           **({} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}))
         x = x + self.dropout(h)
         if self.cross_attn is not None:
             if memory_kv is None:

@@ -85,12 +85,18 @@ class LongNetLM(nn.Module):
             layer.self_attn.new_cache(batch_size, device or p.device, dtype or p.dtype) for layer in self.layers
         ])
 
-    def forward(self, input_ids: torch.Tensor, state: Optional[DecodingState] = None) -> torch.Tensor:
-        """input_ids ``(b, n)`` -> logits ``(b, n, vocab)`` (float32 or the model dtype)."""
+    def forward(self, input_ids: torch.Tensor, state: Optional[DecodingState] = None, *,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids ``(b, n)`` -> logits ``(b, n, vocab)`` (float32 or the model dtype). ``cu_seqlens``:
+        packed documents over the ``b * n`` flattened tokens (see :func:`dilated_attention`), each
+        document its own sequence (attention and positions); no ``state`` with it."""
         input_ids = check_token_ids("input_ids", input_ids, self.config.vocab_size)
+        if cu_seqlens is not None and state is not None:
+            raise ValueError("packed documents (cu_seqlens) take no decoding state")
         x = self.dropout(self.embed(input_ids))  # (b, n, e)
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         for i, layer in enumerate(self.layers):
-            x = layer(x, is_causal=True, cache=None if state is None else state.layers[i])
+            x = layer(x, is_causal=True, cache=None if state is None else state.layers[i], **packed)
         x = self.norm(x)
         return self.head(x) if self.head is not None else x @ self.embed.weight.t()  # (b, n, vocab)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["POSITION_KINDS", "RotaryEmbedding"]
+__all__ = ["POSITION_KINDS", "RotaryEmbedding", "document_positions"]
 
 POSITION_KINDS = ("rotary", "xpos")
 
@@ -16,6 +17,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(..., d) -> (..., d): pairs (x_i, x_{i+d/2}) -> (-x_{i+d/2}, x_i)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Each token's position inside its packed document ``(total,)`` (int64): 0 at every document start."""
+    cu = cu_seqlens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+    return torch.arange(total, device=cu.device) - starts
 
 
 class RotaryEmbedding(nn.Module):
@@ -57,16 +65,23 @@ class RotaryEmbedding(nn.Module):
         zeta_min = (0.4) / 1.4
         return 30 * math.log(10) / -math.log(zeta_min) * self.xpos_scale_base
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """q ``(b, n, h, d)``, k ``(b, n, h_kv, d)`` at positions ``start..start+n-1``."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0,
+                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q ``(b, n, h, d)``, k ``(b, n, h_kv, d)`` at positions ``start..start+n-1``, or at ``positions
+        (n,)`` (e.g. :func:`document_positions` of packed documents: each restarts at 0)."""
         n = q.shape[1]
-        if self.kind == "xpos" and start + n > self.max_position:
+        device = q.device
+        if positions is None:
+            last = start + n
+            pos = torch.arange(start, start + n, device=device, dtype=torch.float64)  # (n,)
+        else:
+            last = n  # a position inside a document of at most n tokens
+            pos = positions.to(device=device, dtype=torch.float64)
+        if self.kind == "xpos" and last > self.max_position:
             raise ValueError(
-                f"xpos positions up to {start + n} exceed max_position={self.max_position:.0f} for "
+                f"xpos positions up to {last} exceed max_position={self.max_position:.0f} for "
                 f"xpos_scale_base={self.xpos_scale_base}; raise xpos_scale_base or use positions='rotary'"
             )
-        device = q.device
-        pos = torch.arange(start, start + n, device=device, dtype=torch.float64)  # (n,)
         inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64) / self.head_dim)
         angles = pos[:, None] * inv_freq[None, :]  # (n, d/2)
         cos = torch.cat((angles.cos(), angles.cos()), -1)[None, :, None, :]  # (1, n, 1, d)

@@ -43,12 +43,25 @@ class Corpus:
     val: torch.Tensor  # uint8 (n_val,)
     sha256: str
     description: str
+    train_files: Optional[torch.Tensor] = None  # int64 offsets in ``train`` where each training file starts
 
     def batch(self, batch_size: int, context: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Random training windows: inputs and next-byte targets, int64 ``(batch, context)``."""
-        starts = torch.randint(0, self.train.numel() - context - 1, (batch_size,), generator=generator)
-        windows = torch.stack([self.train[s : s + context + 1] for s in starts.tolist()]).long()
-        return windows[:, :-1], windows[:, 1:]
+        x, y, _ = self.packed_batch(batch_size, context, generator)
+        return x, y
+
+    def packed_batch(self, batch_size: int, context: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`batch` (the same windows for the same generator state) and ``cu_seqlens`` over the
+        ``batch * context`` flattened inputs: each window's pieces of files are documents."""
+        starts = torch.randint(0, self.train.numel() - context - 1, (batch_size,), generator=generator).tolist()
+        windows = torch.stack([self.train[s : s + context + 1] for s in starts]).long()
+        files = torch.zeros(1, dtype=torch.int64) if self.train_files is None else self.train_files
+        cu = [0]
+        for row, s in enumerate(starts):
+            inside = files[(files > s) & (files < s + context)] - s  # files starting inside the window
+            cu += [row * context + int(p) for p in inside.tolist()] + [(row + 1) * context]
+        return windows[:, :-1], windows[:, 1:], torch.tensor(cu, dtype=torch.int64)
 
     def val_windows(self, count: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` evenly spaced held-out windows (always the same ones)."""
@@ -72,6 +85,7 @@ def load_corpus(path: Optional[str] = None, *, min_bytes: int = 0) -> Corpus:
         whole = b"".join(train_parts)
         cut = len(whole) - max(1, len(whole) // 20)
         train_parts, val_parts = [whole[:cut]], [whole[cut:]]
+    train_files = torch.tensor([0] + [len(p) for p in train_parts], dtype=torch.int64).cumsum(0)[:-1]
     train, val = b"".join(train_parts), b"".join(val_parts)
     if len(train) < min_bytes:
         raise ValueError(f"the corpus has {len(train)} training bytes, fewer than the {min_bytes} needed")
@@ -79,5 +93,5 @@ def load_corpus(path: Optional[str] = None, *, min_bytes: int = 0) -> Corpus:
     where = f"python {sysconfig.get_python_version()} stdlib" if path is None else path
     return Corpus(
         torch.frombuffer(bytearray(train), dtype=torch.uint8), torch.frombuffer(bytearray(val), dtype=torch.uint8),
-        digest, f"{where}: {len(files)} files, {len(train)} train / {len(val)} held-out bytes",
+        digest, f"{where}: {len(files)} files, {len(train)} train / {len(val)} held-out bytes", train_files,
     )

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", choices=["rotary", "xpos"], default="rotary", help="position encoding")
     p.add_argument("--attention-type", default="standard", choices=["standard", "improved", "auto", "block_sparse"],
                    help="attention implementation (auto: improved on a GPU whose fused path fits, else standard)")
+    p.add_argument("--pack-documents", action="store_true", help="each training window's pieces of corpus files "
+                   "are separate documents (cu_seqlens): no attention across a file boundary, positions restart")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
@@ -201,6 +203,8 @@ def sample_text(model: LongNetLM, prompt: str, n_bytes: int, *, seed: int, tempe
 def _resumed_args(saved: Any, given: argparse.Namespace, path: str) -> argparse.Namespace:
     """The checkpoint's settings, with the command line's ``_RESUMABLE_OVERRIDES`` and file paths."""
     expected = set(vars(build_parser().parse_args([])))
+    if isinstance(saved, dict):
+        saved = {"pack_documents": False, **saved}  # checkpoints from before --pack-documents
     if not isinstance(saved, dict) or set(saved) != expected:
         keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
         raise CheckpointError(f"checkpoint {path!r} holds args {keys}, not the settings of this train command")
@@ -280,9 +284,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for step in range(start, stop):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        x, y = (t.to(device) for t in corpus.batch(args.batch_size, args.context, data_gen))
+        x, y, cu = (t.to(device) for t in corpus.packed_batch(args.batch_size, args.context, data_gen))
         with autocast(device, DTYPES[args.dtype]):
-            logits = step_fn(x)  # (b, n, 256)
+            logits = step_fn(x, cu_seqlens=cu) if args.pack_documents else step_fn(x)  # (b, n, 256)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
