@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from dilated_attention_pytorch import dilated_attention
 from dilated_attention_pytorch.backends import choose_backend
-from dilated_attention_pytorch.bench.flops import useful_flops
+from dilated_attention_pytorch.bench.flops import attended_pairs, useful_flops
 from dilated_attention_pytorch.bench.measure import time_calls
 from dilated_attention_pytorch.functional import attend, attention_args
 from dilated_attention_pytorch.parallel.ring import (
@@ -196,7 +196,17 @@ def ranks_to_time(s: Setting, limit: int) -> tuple[list[int], int]:
     return sorted(chosen), len(set(signatures))
 
 
+_SDPA_MS: dict = {}  # one timing per shape: ranks and settings with the same shapes share it
+
+
 def _sdpa_ms(s: Setting, batch: int, lq: int, lk: int, causal: bool, backward: bool, a) -> float:
+    key = (s.heads, s.kv_heads, s.head_dim, s.dtype, s.device, batch, lq, lk, causal, backward)
+    if key not in _SDPA_MS:
+        _SDPA_MS[key] = _time_sdpa(s, batch, lq, lk, causal, backward, a)
+    return _SDPA_MS[key]
+
+
+def _time_sdpa(s: Setting, batch: int, lq: int, lk: int, causal: bool, backward: bool, a) -> float:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev = s.device
@@ -298,8 +308,7 @@ def run_setting(s: Setting, a) -> dict:
                      "single_device_ms_over_P": None if single is None else single / s.world,
                      "slowest_over_single_over_P": None if single is None else slowest[f"{mode}_ms"] * s.world / single,
                      "single_device_tflops": None if single is None else _tflops(
-                         sum(sum(v[0] for v in rank_pairs(s, p).values()) for p in range(s.world)), s, backward,
-                         single)}
+                         attended_pairs(s.n, s.heads, s.segs, s.dils, is_causal=s.causal), s, backward, single)}
     return res
 
 
@@ -373,6 +382,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 for world in a.world:
                     s = setting(regime, world, n_local, causal, a)
                     results.append(run_setting(s, a))
+                    print(f"done: {regime} causal={causal} P={world} n_local={s.n_local} "
+                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
                     report = {"device": torch.cuda.get_device_name() if s.device.type == "cuda" else platform.processor()
                               or "cpu", "torch": torch.__version__, "args": {k: v for k, v in vars(a).items()},
                               "elapsed_s": time.perf_counter() - t0, "results": results}
