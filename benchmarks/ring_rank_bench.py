@@ -323,13 +323,23 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         for row in r["ranks"]:
             slow = [m for m in ("fwd", "fwdbwd") if r[m]["slowest_rank"] == row["rank"]]
-            lines.append(
-                f"| {r['regime']} | {r['causal']} | {r['world']} | {r['n_local']} | {row['rank']}"
-                f"{' (slowest ' + '/'.join(slow) + ')' if slow else ''} | {f(row['fwd_ms'])} | {f(row['fwd_tflops'], '.3g')} | "
-                f"{f(row.get('fwd_ceiling_tflops'), '.3g')} | {f(row['fwdbwd_ms'])} | {f(row['fwdbwd_tflops'], '.3g')} | "
-                f"{f(row.get('fwdbwd_ceiling_tflops'), '.3g')} | {f(row['bytes_received'] / 2**20, '.3g')} | "
-                f"{f(r['fwd']['single_device_ms_over_P'])} | {f(r['fwdbwd']['single_device_ms_over_P'])} |"
-            )
+            rank = f"{row['rank']}" + (f" (slowest {'/'.join(slow)})" if slow else "")
+            cells = [r["regime"], r["causal"], r["world"], r["n_local"], rank, f(row["fwd_ms"]),
+                     f(row["fwd_tflops"], ".3g"), f(row.get("fwd_ceiling_tflops"), ".3g"), f(row["fwdbwd_ms"]),
+                     f(row["fwdbwd_tflops"], ".3g"), f(row.get("fwdbwd_ceiling_tflops"), ".3g"),
+                     f(row["bytes_received"] / 2**20, ".3g"), f(r["fwd"]["single_device_ms_over_P"]),
+                     f(r["fwdbwd"]["single_device_ms_over_P"])]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "| regime | causal | P | n_local | ranks timed (distinct plans) | slowest fwd ÷ single/P | "
+              "slowest f+b ÷ single/P | slowest ÷ mean of timed, fwd / f+b | single-device f+b TF/s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        cells = [r["regime"], r["causal"], r["world"], r["n_local"],
+                 f"{','.join(str(x['rank']) for x in r['ranks'])} ({r['distinct_plans']})",
+                 f(r["fwd"]["slowest_over_single_over_P"]), f(r["fwdbwd"]["slowest_over_single_over_P"]),
+                 f"{f(r['fwd']['slowest_over_mean_timed'])} / {f(r['fwdbwd']['slowest_over_mean_timed'])}",
+                 f(r["fwdbwd"]["single_device_tflops"], ".3g")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
@@ -357,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--min-time-s", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-s", type=float, default=None, help="skip the settings left after this many seconds")
     return p
 
 
@@ -381,11 +392,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             for causal in (c == "true" for c in a.causal):
                 for world in a.world:
                     s = setting(regime, world, n_local, causal, a)
+                    if a.budget_s is not None and time.perf_counter() - t0 > a.budget_s:
+                        print(f"skipped (over --budget-s): {regime} causal={causal} P={world} n_local={s.n_local}")
+                        continue
                     results.append(run_setting(s, a))
                     print(f"done: {regime} causal={causal} P={world} n_local={s.n_local} "
                           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-                    report = {"device": torch.cuda.get_device_name() if s.device.type == "cuda" else platform.processor()
-                              or "cpu", "torch": torch.__version__, "args": {k: v for k, v in vars(a).items()},
+                    device = torch.cuda.get_device_name() if s.device.type == "cuda" else platform.processor() or "cpu"
+                    report = {"device": device, "torch": torch.__version__, "args": vars(a),
                               "elapsed_s": time.perf_counter() - t0, "results": results}
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(report, indent=1, default=str))

@@ -17,7 +17,8 @@ both ends) see only keys of the core; the caller runs single-device attention on
 own blocks cover the other rows only.
 
 A spanning segment touches at most ``ceil(W / n_local) + 1`` ranks and each rank at most two of them
-per pattern group, so the rows a rank sends do not grow with ``N`` for fixed ``w``/``r``.
+per pattern group, so the rows a rank sends do not grow with ``N`` for fixed ``w``/``r``. A rank's plan
+looks only at its own (at most two per group) spanning segments and its own transfers.
 """
 
 from __future__ import annotations
