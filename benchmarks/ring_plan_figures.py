@@ -2,7 +2,7 @@
 receive buffers, for sequences up to 1B tokens over up to 1024 ranks (``n_local`` fixed), from
 :func:`~dilated_attention_pytorch.parallel.ring_plan` alone (no tensors; seconds on a CPU).
 
-    python benchmarks/ring_plan_figures.py --out benchmarks/results/ring-plan-figures.json
+    python benchmarks/ring_plan_figures.py --out benchmarks/results/ring-plan-figures.json --plot figures.png
 
 Schedule: ``w_i = base·4^i`` up to the first ``>= N``, ``r_i = w_i / base`` (h = 16, d = 128, bf16, b = 1,
 ``"paper"`` offsets), causal and not. Per P (N = P·n_local), over the ranks sampled (0, 1, P/4, P/2,
@@ -89,6 +89,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Max bytes sent and peak receive buffers per rank against N (log x), causal and not (needs matplotlib)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for causal, style in ((False, "-"), (True, "--")):
+        sel = [r for r in rows if r["causal"] == causal]
+        for key, label, marker in (("max_sent", "sent (fwd+bwd)", "o"), ("max_peak_recv", "peak receive buffers", "s")):
+            ax.plot([r["n_total"] for r in sel], [r[key] / 2**20 for r in sel], style, marker=marker,
+                    label=f"{label}, {'causal' if causal else 'non-causal'}")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("sequence length N (tokens; n_local fixed, P = N / n_local)")
+    ax.set_ylabel("MiB per rank (max over sampled ranks)")
+    ax.set_title("Ring on the LongNet schedule, from the plan: bytes per rank vs N", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="JSON file to write")
@@ -99,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--itemsize", type=int, default=2, help="bytes per element (2: bf16)")
     p.add_argument("--all-ranks", action="store_true", help="every rank, not a sample (slow at 1024 ranks)")
+    p.add_argument("--plot", default=None, help="PNG file to draw (needs matplotlib)")
     return p
 
 
@@ -111,6 +136,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+    if a.plot:
+        plot(rows, Path(a.plot))
     return rows
 
 
