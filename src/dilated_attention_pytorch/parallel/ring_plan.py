@@ -151,20 +151,20 @@ def _ring_plan(
             ss, se = s * W, min((s + 1) * W, n)
             ranks = range(ss // n_local, (se - 1) // n_local + 1)
             rows = {q: _rows_of(max(ss, q * n_local), min(se, (q + 1) * n_local), ss, o, r) for q in ranks}
+            mine = None  # this rank's rows of the segment: its queries, and what it sends
+            if rows[rank][1] > rows[rank][0]:
+                k_lo, k_hi = rows[rank]
+                mine = _strided_block(ss + o + r * k_lo - lo, k_hi - k_lo, r, heads, kv_index)
             pairs = [(src, rank) for src in ranks] + [(rank, dst) for dst in ranks]  # those of this rank
             for src, dst in sorted(pairs, key=lambda sd: (sd[1], sd[0])):
                 if src == dst or (is_causal and src > dst) or rows[src][1] == rows[src][0] or \
                         rows[dst][1] == rows[dst][0]:
                     continue
                 k_lo, k_hi = rows[src]
-                start = ss + o + r * k_lo - src * n_local
-                transfers.append(Transfer(
-                    gi, s, src, dst, _strided_block(start, k_hi - k_lo, r, heads, kv_index), kv_heads,
-                    k_hi - k_lo,
-                ))
-            if rank in rows and rows[rank][1] > rows[rank][0]:
-                k_lo, k_hi = rows[rank]
-                mine = _strided_block(ss + o + r * k_lo - lo, k_hi - k_lo, r, heads, kv_index)
+                block = mine if src == rank else _strided_block(ss + o + r * k_lo - src * n_local, k_hi - k_lo, r,
+                                                                heads, kv_index)
+                transfers.append(Transfer(gi, s, src, dst, block, kv_heads, k_hi - k_lo))
+            if mine is not None:
                 own.append(mine)
                 spanning_mine.append((gi, s, mine))
         # Segments wholly inside this shard: full-length ones as one span, the short last one apart.
@@ -189,9 +189,12 @@ def _ring_plan(
     sends = _by_peer([t for t in transfers if t.src == rank], lambda t: t.dst)
     recvs = _by_peer([t for t in transfers if t.dst == rank], lambda t: t.src)
     flat = [t for _, ts in recvs for t in ts]
+    received: dict[tuple[int, int], list[int]] = {}  # (group, segment) -> indices into flat
+    for i, t in enumerate(flat):
+        received.setdefault((t.group, t.segment), []).append(i)
     calls = []
     for gi, s, mine in spanning_mine:
-        idx = tuple(i for i, t in enumerate(flat) if t.group == gi and t.segment == s)
+        idx = tuple(received.get((gi, s), ()))
         if not idx:
             continue
         pg = groups[gi]
