@@ -20,7 +20,7 @@ import torch
 
 from ..attention import BaseDilatedAttention
 from ..backends import choose_backend
-from ..executor import Group, Program, Task, execute
+from ..executor import Exchange, Group, Program, Task, execute
 from ..functional import AttentionArgs, attend, attention_args
 from ..kernels import BlockInputs, BlockKernel, choose_kernel
 from ..multihead import BaseMultiheadDilatedAttention
@@ -33,6 +33,8 @@ __all__ = ["RingDilatedAttention", "RingMultiheadDilatedAttention", "ring_dilate
 
 _WHAT = "ring_dilated_attention"
 _BACKENDS = ("auto", "fused", "portable")  # not "reference": it builds n x n scores
+FORWARD_ROWS = "key/value rows (forward)"  # what a ring exchange's transfers carry
+BACKWARD_GRADS = "key/value gradients (backward)"
 
 
 def _pack_kv(k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor], transfers) -> torch.Tensor:
@@ -80,12 +82,19 @@ class _RingExchange:
     stats: Optional[CommStats]
     timeout_s: float  # bound on every wait for other ranks
 
+    def _transfer(self, sends: list, recvs: list, transfer: str) -> list:
+        """Post ``(peer, buffer)`` sends and receives; -> the works to wait on."""
+        return exchange(sends, recvs, self.group, _WHAT, transfer)
+
+    def _wait(self, works: list, device: torch.device) -> None:
+        wait_transfers(works, _WHAT, self.timeout_s, device)
+
     def post(self, k, v, key_valid):
         plan, b, d = self.plan, k.shape[0], k.shape[-1]
         with_mask = key_valid is not None
         sends = [(p, _pack_kv(k, v, key_valid, ts)) for p, ts in plan.sends]
         recvs = [(p, k.new_empty(_kv_buffer_size(ts, b, d, with_mask))) for p, ts in plan.recvs]
-        works = exchange(sends, recvs, self.group, _WHAT, "key/value rows (forward)")
+        works = self._transfer(sends, recvs, FORWARD_ROWS)
         if self.stats is not None:
             self.stats.calls += 1
             self.stats.forward_bytes_sent += sum(buf.numel() * buf.element_size() for _, buf in sends)
@@ -95,7 +104,7 @@ class _RingExchange:
 
     def wait(self, pending):
         works, recvs, b, d, with_mask, device = pending
-        wait_transfers(works, _WHAT, self.timeout_s, device)
+        self._wait(works, device)
         received = [x for (_, buf), (_, ts) in zip(recvs, self.plan.recvs) for x in _unpack_kv(buf, ts, b, d, with_mask)]
         return [tuple(_cat([received[i][part] for i in call.transfers]) for part in range(3))
                 for call in self.plan.remote_calls]
@@ -117,7 +126,7 @@ class _RingExchange:
             sends.append((peer, torch.cat(parts)))
         b, d = like.shape[0], like.shape[-1]
         recvs = [(p, like.new_empty(_kv_buffer_size(ts, b, d, False))) for p, ts in plan.sends]
-        works = exchange(sends, recvs, self.group, _WHAT, "key/value gradients (backward)")
+        works = self._transfer(sends, recvs, BACKWARD_GRADS)
         if self.stats is not None:
             self.stats.backward_bytes_sent += sum(buf.numel() * buf.element_size() for _, buf in sends)
             self.stats.backward_bytes_received += sum(buf.numel() * buf.element_size() for _, buf in recvs)
@@ -127,7 +136,7 @@ class _RingExchange:
     def finish_grads(self, pending, dk, dv):
         works, recvs = pending
         b, d = dk.shape[0], dk.shape[-1]
-        wait_transfers(works, _WHAT, self.timeout_s, dk.device)
+        self._wait(works, dk.device)
         for (_, buf), (_, ts) in zip(recvs, self.plan.sends):
             for t, (gk, gv, _) in zip(ts, _unpack_kv(buf, ts, b, d, False)):
                 idx = index_tensor(t.kv_heads, dk.device)
@@ -135,10 +144,11 @@ class _RingExchange:
                 rows(dv, t.src_rows)[:, 0].index_add_(2, idx, gv.to(dv.dtype))
 
 
-def _ring_program(plan: RingPlan, exchange_: _RingExchange, kernel: BlockKernel, remote_kernel: BlockKernel,
-                  is_causal: bool, scale: float) -> Program:
-    """Own blocks (square, the single-device kernel), then each remote call: its query rows against the
-    rows received (queries and keys of different lengths: ``remote_kernel``)."""
+def ring_program(plan: RingPlan, exchange_: Exchange, kernel: BlockKernel, remote_kernel: BlockKernel,
+                 is_causal: bool, scale: float) -> Program:
+    """The executor program of one rank's margins: own blocks (square, the single-device kernel), then
+    each remote call: its query rows against the rows received through ``exchange_`` (queries and keys of
+    different lengths: ``remote_kernel``)."""
     tasks = [Task(Rows(bl, bl.heads), Rows(bl, bl.kv_heads), kernel, is_causal) for bl in plan.own_blocks]
     tasks += [Task(Rows(call.q_rows, call.q_rows.heads), HeadSelect(call.kv_select), remote_kernel, False, space=i + 1)
               for i, call in enumerate(plan.remote_calls)]
@@ -216,10 +226,21 @@ def ring_dilated_attention(
             stats.local_only_calls += 1
         out, lse = attend(query, key, value, key_padding_mask, args, choice)
         return (out, lse) if args.return_lse else out
+    out, lse = ring_shard(query, key, value, key_padding_mask, args, choice, plan,
+                          _RingExchange(plan, call.group, stats, call.timeout_s))
+    return (out, lse) if args.return_lse else out
+
+
+def ring_shard(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+               args: AttentionArgs, choice: Any, plan: RingPlan,
+               exchange_: Exchange) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One rank's work of a ring call whose segments cross shard boundaries: ``plan``'s program on the
+    executor (received rows through ``exchange_``), and single-device attention on the core. -> (out,
+    lse (b, h, n_local) if ``args.return_lse`` else None). ``benchmarks/ring_rank_bench.py`` times it
+    with an in-process exchange."""
     key_valid = None if key_padding_mask is None else ~key_padding_mask
     remote_kernel = choose_kernel(_inputs(query, key_valid, False))  # queries and keys of different lengths
-    ring_exchange = _RingExchange(plan, call.group, stats, call.timeout_s)
-    program = _ring_program(plan, ring_exchange, choice.kernel, remote_kernel, args.is_causal, args.scale)
+    program = ring_program(plan, exchange_, choice.kernel, remote_kernel, args.is_causal, args.scale)
     out, lse_bnh = execute(program, query, key, value, key_valid)  # (b, n_local, h, d), (b, n_local, h)
     lse = lse_bnh.transpose(1, 2)  # (b, h, n_local)
     c0, c1 = plan.core
@@ -232,7 +253,7 @@ def ring_dilated_attention(
         out = torch.cat([out[:, :c0], out_core, out[:, c1:]], 1)
         if args.return_lse:
             lse = torch.cat([lse[:, :, :c0], lse_core, lse[:, :, c1:]], 2)
-    return (out, lse) if args.return_lse else out
+    return out, lse if args.return_lse else None
 
 
 class RingDilatedAttention(BaseDilatedAttention):

@@ -17,7 +17,8 @@ both ends) see only keys of the core; the caller runs single-device attention on
 own blocks cover the other rows only.
 
 A spanning segment touches at most ``ceil(W / n_local) + 1`` ranks and each rank at most two of them
-per pattern group, so the rows a rank sends do not grow with ``N`` for fixed ``w``/``r``.
+per pattern group, so the rows a rank sends do not grow with ``N`` for fixed ``w``/``r``. A rank's plan
+looks only at its own (at most two per group) spanning segments and its own transfers.
 """
 
 from __future__ import annotations
@@ -78,12 +79,17 @@ class RingPlan:
 
     def forward_bytes_sent(self, batch: int, head_dim: int, itemsize: int, with_mask: bool = False) -> int:
         """Bytes this rank sends in one forward: keys and values (and key masks) of the rows it shares."""
-        per_row = 2 * head_dim * itemsize
-        total = 0
-        for _, ts in self.sends:
-            for t in ts:
-                total += batch * t.rows * (len(t.kv_heads) * per_row + (itemsize if with_mask else 0))
-        return total
+        return _bytes(self.sends, batch, head_dim, itemsize, with_mask)
+
+    def forward_bytes_received(self, batch: int, head_dim: int, itemsize: int, with_mask: bool = False) -> int:
+        """Bytes this rank receives in one forward (its receive buffers, all posted at once)."""
+        return _bytes(self.recvs, batch, head_dim, itemsize, with_mask)
+
+
+def _bytes(by_peer, batch: int, head_dim: int, itemsize: int, with_mask: bool) -> int:
+    per_row = 2 * head_dim * itemsize
+    return sum(batch * t.rows * (len(t.kv_heads) * per_row + (itemsize if with_mask else 0))
+               for _, ts in by_peer for t in ts)
 
 
 def _rows_of(start: int, stop: int, seg_start: int, offset: int, dilation: int) -> tuple[int, int]:
@@ -127,37 +133,38 @@ def _ring_plan(
     if core_b <= core_a:
         core_a = core_b = lo
     own: list[Block] = []
-    transfers: list[Transfer] = []  # every transfer of every rank, in one canonical order
+    transfers: list[Transfer] = []  # this rank's transfers (sent or received), in one canonical order
     spanning_mine: list[tuple[int, int, Block]] = []  # (group, segment, my query rows)
-    local_only = True
+    # Some segment crosses a shard boundary iff some segment length does not divide n_local.
+    local_only = world == 1 or all(n_local % pg.segment == 0 for pg in groups)
     for gi, pg in enumerate(groups):
         W, r, o = pg.segment, pg.dilation, pg.offset
         heads = as_index(pg.heads)
         kv_of_head = [j // qpk for j in pg.heads]
         kv_heads = tuple(sorted(set(kv_of_head)))
         kv_index = as_index(kv_of_head)
-        # Segments crossing a shard boundary, each once.
-        spanning = sorted({(p * n_local) // W for p in range(1, world) if (p * n_local) % W != 0})
-        local_only = local_only and not spanning
+        # The segments of this shard crossing a shard boundary: at most its first and its last (only
+        # those: the plan of one rank never enumerates the whole sequence).
+        spanning = [s for s in sorted({lo // W, (hi - 1) // W})
+                    if (s * W) // n_local != (min((s + 1) * W, n) - 1) // n_local]
         for s in spanning:
             ss, se = s * W, min((s + 1) * W, n)
             ranks = range(ss // n_local, (se - 1) // n_local + 1)
             rows = {q: _rows_of(max(ss, q * n_local), min(se, (q + 1) * n_local), ss, o, r) for q in ranks}
-            for dst in ranks:
-                if rows[dst][1] == rows[dst][0]:
-                    continue
-                for src in ranks:
-                    if src == dst or (is_causal and src > dst) or rows[src][1] == rows[src][0]:
-                        continue
-                    k_lo, k_hi = rows[src]
-                    start = ss + o + r * k_lo - src * n_local
-                    transfers.append(Transfer(
-                        gi, s, src, dst, _strided_block(start, k_hi - k_lo, r, heads, kv_index), kv_heads,
-                        k_hi - k_lo,
-                    ))
-            if rank in rows and rows[rank][1] > rows[rank][0]:
+            mine = None  # this rank's rows of the segment: its queries, and what it sends
+            if rows[rank][1] > rows[rank][0]:
                 k_lo, k_hi = rows[rank]
                 mine = _strided_block(ss + o + r * k_lo - lo, k_hi - k_lo, r, heads, kv_index)
+            pairs = [(src, rank) for src in ranks] + [(rank, dst) for dst in ranks]  # those of this rank
+            for src, dst in sorted(pairs, key=lambda sd: (sd[1], sd[0])):
+                if src == dst or (is_causal and src > dst) or rows[src][1] == rows[src][0] or \
+                        rows[dst][1] == rows[dst][0]:
+                    continue
+                k_lo, k_hi = rows[src]
+                block = mine if src == rank else _strided_block(ss + o + r * k_lo - src * n_local, k_hi - k_lo, r,
+                                                                heads, kv_index)
+                transfers.append(Transfer(gi, s, src, dst, block, kv_heads, k_hi - k_lo))
+            if mine is not None:
                 own.append(mine)
                 spanning_mine.append((gi, s, mine))
         # Segments wholly inside this shard: full-length ones as one span, the short last one apart.
@@ -182,9 +189,12 @@ def _ring_plan(
     sends = _by_peer([t for t in transfers if t.src == rank], lambda t: t.dst)
     recvs = _by_peer([t for t in transfers if t.dst == rank], lambda t: t.src)
     flat = [t for _, ts in recvs for t in ts]
+    received: dict[tuple[int, int], list[int]] = {}  # (group, segment) -> indices into flat
+    for i, t in enumerate(flat):
+        received.setdefault((t.group, t.segment), []).append(i)
     calls = []
     for gi, s, mine in spanning_mine:
-        idx = tuple(i for i, t in enumerate(flat) if t.group == gi and t.segment == s)
+        idx = tuple(received.get((gi, s), ()))
         if not idx:
             continue
         pg = groups[gi]
