@@ -25,7 +25,7 @@ from ..kernels import BlockInputs, acc_dtype, choose_kernel
 from ..merge import finish_merge, lse_shift, merge_step
 from ..patterns import OffsetRule, pattern_groups
 
-__all__ = ["DecodingState", "DilatedKVCache"]
+__all__ = ["DecodingState", "DilatedKVCache", "decode_attention"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,88 @@ def _index(heads: Sequence[int], device) -> Union[slice, torch.Tensor]:
     if list(heads) == list(range(heads[0], heads[0] + len(heads))):
         return slice(heads[0], heads[0] + len(heads))
     return torch.tensor(heads, device=device)
+
+
+def decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, device) -> list[_Slot]:
+    """Every (pattern, offset) pair a causal row can use, with its query heads and key/value heads."""
+    group = num_heads // num_kv_heads
+    longest = max(segment_lengths)  # W_i = min(w_i, longest) = w_i
+    slots = []
+    for pg in pattern_groups(longest, num_heads, segment_lengths, dilation_rates, offsets, head_groups):
+        kv_of_head = [j // group for j in pg.heads]
+        kv_heads = tuple(sorted(set(kv_of_head)))
+        kv_map = [kv_heads.index(c) for c in kv_of_head]
+        capacity = -(-(pg.segment - pg.offset) // pg.dilation)  # len(range(o, w, r)), beyond ssize_t too
+        slots.append(_Slot(
+            pg.segment, pg.dilation, pg.offset, _index(pg.heads, device), kv_heads,
+            None if kv_map == list(range(len(kv_heads))) else torch.tensor(kv_map, device=device), capacity,
+        ))
+    return slots
+
+
+def attend_parts(kernel, scale: float, q: torch.Tensor, parts) -> torch.Tensor:
+    """One query row per head, q ``(b, h, d)``, against the keys each (pattern, offset) slot selects for it:
+    ``parts`` holds ``(slot, keys, values)`` with keys/values ``(b, len(slot.kv_heads), L, d)``. The partial
+    results are merged by log-sum-exp (a key selected by ``C`` patterns counts ``C`` times, as in the full
+    pass). -> ``(b, h, d)`` in the accumulation dtype; heads without keys give zeros."""
+    b, h, d = q.shape
+    acc = acc_dtype(q.dtype)
+    out_sum = torch.zeros(b, h, d, dtype=acc, device=q.device)
+    lse_max = torch.full((b, h), float("-inf"), dtype=acc, device=q.device)
+    total = torch.zeros(b, h, dtype=acc, device=q.device)
+    for slot, keys, values in parts:
+        if slot.kv_map is not None:
+            keys, values = keys.index_select(1, slot.kv_map), values.index_select(1, slot.kv_map)
+        out_g, lse_g, _ = kernel.forward(
+            q[:, slot.heads].unsqueeze(2), keys, values, key_valid=None, is_causal=False, scale=scale, dropout_p=0.0
+        )
+        s = slot.heads
+        out_sum[:, s], lse_max[:, s], total[:, s] = merge_step(
+            out_sum[:, s], lse_max[:, s], total[:, s], out_g[:, :, 0].to(acc), lse_g[:, :, 0].to(acc))
+    return finish_merge(out_sum, lse_shift(lse_max), total)[0]
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    offsets: OffsetRule = "paper",
+    head_groups: bool = False,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The last ``m`` rows of causal dilated attention over a full key/value history, without a pass over it.
+
+    query ``(b, m, h, d)`` holds positions ``n-m .. n-1`` of key/value ``(b, n, h_kv, d)``. Each row gathers
+    only the keys its patterns select (by absolute position: at most ``Σ_i ceil(w_i / r_i)`` per head) and
+    merges them as the full pass does, so row ``i`` equals row ``n-m+i`` of the full causal pass (to
+    rounding). Patterns are taken as validated (see :func:`~dilated_attention_pytorch.dilated_attention`).
+    -> ``(b, m, h, d)`` in the query's dtype."""
+    b, m, h, d = query.shape
+    n, h_kv = key.shape[1], key.shape[2]
+    if m > n or h % h_kv != 0:
+        raise ValueError(f"query (b, m={m}, h={h}, d) must be the last rows of key (b, n={n}, h_kv={h_kv}, d) "
+                         f"with m <= n and h a multiple of h_kv")
+    scale = d**-0.5 if scale is None else float(scale)
+    slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, h, h_kv, query.device)
+    kernel = choose_kernel(BlockInputs(query.device.type, query.dtype, d, False, False, False))
+    outs = []
+    for i in range(m):
+        t = n - m + i
+        parts = []
+        for slot in slots:
+            rel = t % slot.segment
+            if rel % slot.dilation != slot.offset:
+                continue
+            rows = slice(t - rel + slot.offset, t + 1, min(slot.dilation, n))  # this segment's keys of the phase
+            kv = list(slot.kv_heads)
+            keys = key[:, rows][:, :, kv].transpose(1, 2)  # (b, kv, L, d)
+            values = value[:, rows][:, :, kv].transpose(1, 2)
+            parts.append((slot, keys, values))
+        outs.append(attend_parts(kernel, scale, query[:, i], parts))
+    return torch.stack(outs, dim=1).to(query.dtype)
 
 
 class DilatedKVCache:
@@ -79,23 +161,13 @@ class DilatedKVCache:
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.scale = head_dim**-0.5 if scale is None else float(scale)
         self.position = 0  # absolute position of the next token
-        group = num_heads // num_kv_heads
-        longest = max(segment_lengths)  # W_i = min(w_i, longest) = w_i
-        self._slots: list[_Slot] = []
+        self._slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads,
+                                   self.device)
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._lengths: list[int] = []
-        for pg in pattern_groups(longest, num_heads, segment_lengths, dilation_rates, offsets, head_groups):
-            kv_of_head = [j // group for j in pg.heads]
-            kv_heads = tuple(sorted(set(kv_of_head)))
-            kv_map = [kv_heads.index(c) for c in kv_of_head]
-            capacity = -(-(pg.segment - pg.offset) // pg.dilation)  # len(range(o, w, r)), beyond ssize_t too
-            self._slots.append(_Slot(
-                pg.segment, pg.dilation, pg.offset, _index(pg.heads, self.device), kv_heads,
-                None if kv_map == list(range(len(kv_heads))) else torch.tensor(kv_map, device=self.device),
-                capacity,
-            ))
-            shape = (batch_size, len(kv_heads), 0, head_dim)  # grown by _reserve as keys arrive
+        for slot in self._slots:
+            shape = (batch_size, len(slot.kv_heads), 0, head_dim)  # grown by _reserve as keys arrive
             self._keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._values.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._lengths.append(0)
@@ -174,13 +246,9 @@ class DilatedKVCache:
     def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One token at ``self.position``: q ``(b, h, d)``, k/v ``(b, h_kv, d)`` -> ``(b, h, d)``."""
         t = self.position
-        b, h, d = q.shape
         out_dtype = q.dtype  # e.g. bfloat16 under autocast; the cache computes in its own dtype
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
-        acc = acc_dtype(self.dtype)
-        out_sum = torch.zeros(b, h, d, dtype=acc, device=q.device)
-        lse_max = torch.full((b, h), float("-inf"), dtype=acc, device=q.device)
-        total = torch.zeros(b, h, dtype=acc, device=q.device)
+        parts = []
         for idx, slot in enumerate(self._slots):
             rel = t % slot.segment
             if rel == 0:
@@ -193,19 +261,9 @@ class DilatedKVCache:
             self._keys[idx][:, :, m] = k[:, kv]
             self._values[idx][:, :, m] = v[:, kv]
             self._lengths[idx] = m + 1
-            keys, values = self._keys[idx][:, :, : m + 1], self._values[idx][:, :, : m + 1]  # (b, kv, L, d)
-            if slot.kv_map is not None:
-                keys, values = keys.index_select(1, slot.kv_map), values.index_select(1, slot.kv_map)
-            q_slot = q[:, slot.heads].unsqueeze(2)  # (b, H_g, 1, d)
-            out_g, lse_g, _ = self._kernel.forward(
-                q_slot, keys, values, key_valid=None, is_causal=False, scale=self.scale, dropout_p=0.0
-            )
-            s = slot.heads
-            out_sum[:, s], lse_max[:, s], total[:, s] = merge_step(
-                out_sum[:, s], lse_max[:, s], total[:, s], out_g[:, :, 0].to(acc), lse_g[:, :, 0].to(acc))
-        out, _ = finish_merge(out_sum, lse_shift(lse_max), total)
+            parts.append((slot, self._keys[idx][:, :, : m + 1], self._values[idx][:, :, : m + 1]))
         self.position = t + 1
-        return out.to(out_dtype)
+        return attend_parts(self._kernel, self.scale, q, parts).to(out_dtype)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (e.g. after dropping finished sequences or for beam search)."""
