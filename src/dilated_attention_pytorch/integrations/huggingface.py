@@ -10,9 +10,10 @@ only when :func:`register_dilated_attention` is called.
 What the attention function honours: causal or bidirectional attention, and padding masks (the 4-D
 boolean masks transformers builds from a 2-D ``attention_mask``). Any other mask (sliding windows,
 packed sequences, custom 4-D masks) raises ``ValueError`` — dilated attention defines its own sparsity.
-With a key/value cache (``generate``), the new queries sit at the end of the cached keys: the rows are
-computed exactly (causal dilated attention is prefix-consistent) by running the pattern over the full
-key length; the model's own cache keeps the whole history (use ``LongNetLM`` for a bounded cache).
+With a key/value cache (``generate``), the new queries sit at the end of the cached keys: each row gathers
+only the keys its patterns select (causal dilated attention is prefix-consistent, so this is exact) — no
+pass over the whole cache. The default cache keeps the whole history; ``hf_cache.DilatedCache`` keeps
+only the rows future tokens can still see (bounded memory).
 Segments are counted from index 0 of the (padded) batch, so left padding shifts them: pad on the right
 when results must not depend on padding.
 """
@@ -27,8 +28,11 @@ import torch
 from .. import _validation as V
 from ..backends import BACKENDS
 from ..functional import dilated_attention
+from ..models.decoding import decode_attention
 
 __all__ = ["dilated_attention_forward_factory", "register_dilated_attention"]
+
+DECODE_KEY = "dilated_cache_layer"  # keyword by which a bounded DilatedCache layer hands over a decode step
 
 
 def _require_transformers() -> None:
@@ -94,6 +98,9 @@ def dilated_attention_forward_factory(
             raise ValueError("attn_implementation='dilated' never materialises attention weights (output_attentions)")
         causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
         q_len, kv_len = query.shape[2], key.shape[2]
+        bounded = kwargs.pop(DECODE_KEY, None)
+        if bounded is not None:  # a decode step on a bounded cache (hf_cache.DilatedCache)
+            return _bounded_step(bounded, query, key, value, attention_mask, scaling), None
         padding = None if attention_mask is None else _key_padding_from_mask(attention_mask, q_len, kv_len, causal)
         q = query.transpose(1, 2)  # (b, q, h, d)
         k, v = key.transpose(1, 2), value.transpose(1, 2)  # (b, kv, h_kv, d)
@@ -103,6 +110,10 @@ def dilated_attention_forward_factory(
                     f"dilated attention needs as many queries as keys unless causal with cached keys, but got "
                     f"{q_len} queries and {kv_len} keys (is_causal={causal})"
                 )
+            if padding is None and not (module.training and dropout > 0):  # the decode path: gather, no full pass
+                out = decode_attention(q, k, v, segment_lengths, dilation_rates, offsets=offsets,
+                                       head_groups=head_groups, scale=scaling)
+                return out.contiguous(), None
             # The queries are the last q_len positions: run the causal pattern over all kv_len positions and
             # keep their rows (earlier rows are zeros and discarded; causal rows never see later ones).
             q = torch.cat((q.new_zeros(q.shape[0], kv_len - q_len, *q.shape[2:]), q), dim=1)
@@ -114,6 +125,15 @@ def dilated_attention_forward_factory(
         return out[:, kv_len - q_len :].contiguous(), None
 
     return dilated_attention_forward
+
+
+def _bounded_step(layer, query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """A decode step on a bounded cache layer: query ``(b, h, q, d)``, the new key/value ``(b, h_kv, q, d)``."""
+    if attention_mask is not None:
+        q_len = query.shape[2]
+        if _key_padding_from_mask(attention_mask, q_len, attention_mask.shape[-1], True) is not None:
+            raise ValueError("DilatedCache (bounded) does not support padded batches; use the default cache")
+    return layer.attend(query, key, value, scaling)
 
 
 def register_dilated_attention(
