@@ -9,9 +9,11 @@ pair in use the cache keeps one buffer: the keys of the *current* segment with t
 head the cache holds at most ``Σ_i ceil(w_i / r_i)`` keys however long the history is (LongNet's
 geometric configs keep ``w_i / r_i`` small, so this is well below the largest segment).
 
-A step merges, per head, the log-sum-exp partial results of the patterns whose phase matches with
-:func:`~dilated_attention_pytorch.merge.merge_step` — the same combination the full pass uses,
-so step ``t``'s output equals row ``t`` of the full causal forward pass (to rounding).
+A step runs one small attention (:func:`attend_parts`) per head over the keys of the patterns whose phase
+matches, concatenated: a key that ``C`` patterns select counts ``C`` times, which is exactly the
+log-sum-exp merge of the full pass, so step ``t``'s output equals row ``t`` of the full causal forward pass
+(to rounding). :func:`decode_attention` is the same step over a full key/value history (gathering the
+rows by absolute position), for callers that keep the whole history.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..kernels import BlockInputs, acc_dtype, choose_kernel
-from ..merge import finish_merge, lse_shift, merge_step
+from ..kernels import acc_dtype
 from ..patterns import OffsetRule, pattern_groups
 
 __all__ = ["DecodingState", "DilatedKVCache", "decode_attention"]
@@ -35,16 +36,9 @@ class _Slot:
     segment: int  # w_i
     dilation: int  # r_i
     offset: int  # o
-    heads: Union[slice, torch.Tensor]  # query heads, as a slice when contiguous
+    heads: torch.Tensor  # (h,) bool: the query heads of this pattern with this offset
     kv_heads: tuple[int, ...]  # distinct key/value heads those query heads use (buffer order)
-    kv_map: Optional[torch.Tensor]  # buffer kv index per query head; None when it is the identity
     capacity: int  # len(range(offset, segment, dilation))
-
-
-def _index(heads: Sequence[int], device) -> Union[slice, torch.Tensor]:
-    if list(heads) == list(range(heads[0], heads[0] + len(heads))):
-        return slice(heads[0], heads[0] + len(heads))
-    return torch.tensor(heads, device=device)
 
 
 def decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, device) -> list[_Slot]:
@@ -53,37 +47,39 @@ def decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_head
     longest = max(segment_lengths)  # W_i = min(w_i, longest) = w_i
     slots = []
     for pg in pattern_groups(longest, num_heads, segment_lengths, dilation_rates, offsets, head_groups):
-        kv_of_head = [j // group for j in pg.heads]
-        kv_heads = tuple(sorted(set(kv_of_head)))
-        kv_map = [kv_heads.index(c) for c in kv_of_head]
+        heads = torch.zeros(num_heads, dtype=torch.bool, device=device)
+        heads[list(pg.heads)] = True
         capacity = -(-(pg.segment - pg.offset) // pg.dilation)  # len(range(o, w, r)), beyond ssize_t too
-        slots.append(_Slot(
-            pg.segment, pg.dilation, pg.offset, _index(pg.heads, device), kv_heads,
-            None if kv_map == list(range(len(kv_heads))) else torch.tensor(kv_map, device=device), capacity,
-        ))
+        kv_heads = tuple(sorted({j // group for j in pg.heads}))
+        slots.append(_Slot(pg.segment, pg.dilation, pg.offset, heads, kv_heads, capacity))
     return slots
 
 
-def attend_parts(kernel, scale: float, q: torch.Tensor, parts) -> torch.Tensor:
-    """One query row per head, q ``(b, h, d)``, against the keys each (pattern, offset) slot selects for it:
-    ``parts`` holds ``(slot, keys, values)`` with keys/values ``(b, len(slot.kv_heads), L, d)``. The partial
-    results are merged by log-sum-exp (a key selected by ``C`` patterns counts ``C`` times, as in the full
-    pass). -> ``(b, h, d)`` in the accumulation dtype; heads without keys give zeros."""
+def attend_parts(scale: float, q: torch.Tensor, parts) -> torch.Tensor:
+    """One query row per head, q ``(b, h, d)``, against the keys each active (pattern, offset) slot selects:
+    ``parts`` holds ``(slot, keys, values)``, keys/values ``(b, h_kv, L, d)``, at most
+    one slot per pattern (a row has one phase per pattern). One small attention over the concatenated keys,
+    each head masked to its own slots: a key selected by ``C`` patterns counts ``C`` times (a ``log C``
+    bonus), which is the log-sum-exp merge of the full pass. -> ``(b, h, d)`` in the accumulation dtype;
+    heads without keys give zeros."""
     b, h, d = q.shape
     acc = acc_dtype(q.dtype)
-    out_sum = torch.zeros(b, h, d, dtype=acc, device=q.device)
-    lse_max = torch.full((b, h), float("-inf"), dtype=acc, device=q.device)
-    total = torch.zeros(b, h, dtype=acc, device=q.device)
-    for slot, keys, values in parts:
-        if slot.kv_map is not None:
-            keys, values = keys.index_select(1, slot.kv_map), values.index_select(1, slot.kv_map)
-        out_g, lse_g, _ = kernel.forward(
-            q[:, slot.heads].unsqueeze(2), keys, values, key_valid=None, is_causal=False, scale=scale, dropout_p=0.0
-        )
-        s = slot.heads
-        out_sum[:, s], lse_max[:, s], total[:, s] = merge_step(
-            out_sum[:, s], lse_max[:, s], total[:, s], out_g[:, :, 0].to(acc), lse_g[:, :, 0].to(acc))
-    return finish_merge(out_sum, lse_shift(lse_max), total)[0]
+    if not parts:
+        return q.new_zeros(b, h, d, dtype=acc)
+    keys, values, masks = [], [], []
+    for slot, k, v in parts:
+        keys.append(k)
+        values.append(v)
+        masks.append(slot.heads[:, None].expand(h, k.shape[2]))
+    k, v, mask = torch.cat(keys, dim=2).to(acc), torch.cat(values, dim=2).to(acc), torch.cat(masks, dim=1)
+    h_kv, length = k.shape[1], k.shape[2]
+    scores = (q.to(acc).view(b, h_kv, h // h_kv, d) @ k.transpose(-1, -2)).view(b, h, length) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - top.masked_fill(top == float("-inf"), 0.0))  # heads without keys: all zeros
+    total = weights.sum(dim=-1, keepdim=True)
+    out = (weights.view(b, h_kv, h // h_kv, length) @ v).view(b, h, d)
+    return out / total.masked_fill(total == 0, 1.0)
 
 
 def decode_attention(
@@ -111,7 +107,6 @@ def decode_attention(
                          f"with m <= n and h a multiple of h_kv")
     scale = d**-0.5 if scale is None else float(scale)
     slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, h, h_kv, query.device)
-    kernel = choose_kernel(BlockInputs(query.device.type, query.dtype, d, False, False, False))
     outs = []
     for i in range(m):
         t = n - m + i
@@ -121,11 +116,8 @@ def decode_attention(
             if rel % slot.dilation != slot.offset:
                 continue
             rows = slice(t - rel + slot.offset, t + 1, min(slot.dilation, n))  # this segment's keys of the phase
-            kv = list(slot.kv_heads)
-            keys = key[:, rows][:, :, kv].transpose(1, 2)  # (b, kv, L, d)
-            values = value[:, rows][:, :, kv].transpose(1, 2)
-            parts.append((slot, keys, values))
-        outs.append(attend_parts(kernel, scale, query[:, i], parts))
+            parts.append((slot, key[:, rows].transpose(1, 2), value[:, rows].transpose(1, 2)))  # (b, h_kv, L, d)
+        outs.append(attend_parts(scale, query[:, i], parts))
     return torch.stack(outs, dim=1).to(query.dtype)
 
 
@@ -171,7 +163,6 @@ class DilatedKVCache:
             self._keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._values.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._lengths.append(0)
-        self._kernel = choose_kernel(BlockInputs(self.device.type, dtype, head_dim, False, False, False))
 
     # -- size -------------------------------------------------------------------------------------
     @property
@@ -179,7 +170,7 @@ class DilatedKVCache:
         """Most keys any one query head can ever see through the cache (over all its patterns)."""
         per_head = [0] * self.num_heads
         for slot in self._slots:
-            for j in range(self.num_heads)[slot.heads] if isinstance(slot.heads, slice) else slot.heads.tolist():
+            for j in slot.heads.nonzero().flatten().tolist():
                 per_head[j] += slot.capacity
         return max(per_head)
 
@@ -261,9 +252,18 @@ class DilatedKVCache:
             self._keys[idx][:, :, m] = k[:, kv]
             self._values[idx][:, :, m] = v[:, kv]
             self._lengths[idx] = m + 1
-            parts.append((slot, self._keys[idx][:, :, : m + 1], self._values[idx][:, :, : m + 1]))
+            parts.append((slot, self._full(slot, self._keys[idx][:, :, : m + 1]),
+                          self._full(slot, self._values[idx][:, :, : m + 1])))
         self.position = t + 1
-        return attend_parts(self._kernel, self.scale, q, parts).to(out_dtype)
+        return attend_parts(self.scale, q, parts).to(out_dtype)
+
+    def _full(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
+        """A buffer ``(b, len(slot.kv_heads), L, d)`` over all key/value heads (zeros where the slot has none)."""
+        if len(slot.kv_heads) == self.num_kv_heads:
+            return x
+        full = x.new_zeros(x.shape[0], self.num_kv_heads, *x.shape[2:])
+        full[:, list(slot.kv_heads)] = x
+        return full
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (e.g. after dropping finished sequences or for beam search)."""
