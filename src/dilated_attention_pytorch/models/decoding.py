@@ -33,6 +33,7 @@ __all__ = ["DecodingState", "DilatedKVCache", "decode_attention"]
 class _Slot:
     """One (pattern, offset) pair in use: its query heads, and the key/value heads it must keep."""
 
+    pattern: int  # i
     segment: int  # w_i
     dilation: int  # r_i
     offset: int  # o
@@ -51,8 +52,24 @@ def decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_head
         heads[list(pg.heads)] = True
         capacity = -(-(pg.segment - pg.offset) // pg.dilation)  # len(range(o, w, r)), beyond ssize_t too
         kv_heads = tuple(sorted({j // group for j in pg.heads}))
-        slots.append(_Slot(pg.segment, pg.dilation, pg.offset, heads, kv_heads, capacity))
+        slots.append(_Slot(pg.pattern, pg.segment, pg.dilation, pg.offset, heads, kv_heads, capacity))
     return slots
+
+
+def slots_by_pattern(slots: list[_Slot]) -> list[tuple[int, int, dict[int, int]]]:
+    """Per pattern: ``(segment, dilation, {offset: slot index})``."""
+    by_pattern: dict[int, tuple[int, int, dict[int, int]]] = {}
+    for idx, slot in enumerate(slots):
+        by_pattern.setdefault(slot.pattern, (slot.segment, slot.dilation, {}))[2][slot.offset] = idx
+    return list(by_pattern.values())
+
+
+def active_slots(slots: list[_Slot], by_pattern, t: int):
+    """``(index, slot)`` of the slots row ``t`` uses: per pattern, the one whose offset is ``t``'s phase."""
+    for segment, dilation, by_offset in by_pattern:
+        idx = by_offset.get(t % segment % dilation)
+        if idx is not None:
+            yield idx, slots[idx]
 
 
 def attend_parts(scale: float, q: torch.Tensor, parts) -> torch.Tensor:
@@ -107,15 +124,13 @@ def decode_attention(
                          f"with m <= n and h a multiple of h_kv")
     scale = d**-0.5 if scale is None else float(scale)
     slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, h, h_kv, query.device)
+    by_pattern = slots_by_pattern(slots)
     outs = []
     for i in range(m):
         t = n - m + i
         parts = []
-        for slot in slots:
-            rel = t % slot.segment
-            if rel % slot.dilation != slot.offset:
-                continue
-            rows = slice(t - rel + slot.offset, t + 1, min(slot.dilation, n))  # this segment's keys of the phase
+        for _, slot in active_slots(slots, by_pattern, t):
+            rows = slice(t - t % slot.segment + slot.offset, t + 1, min(slot.dilation, n))  # segment's keys, phase
             parts.append((slot, key[:, rows].transpose(1, 2), value[:, rows].transpose(1, 2)))  # (b, h_kv, L, d)
         outs.append(attend_parts(scale, query[:, i], parts))
     return torch.stack(outs, dim=1).to(query.dtype)
@@ -155,14 +170,17 @@ class DilatedKVCache:
         self.position = 0  # absolute position of the next token
         self._slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads,
                                    self.device)
+        self._by_pattern = slots_by_pattern(self._slots)
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
-        self._lengths: list[int] = []
+        self._lengths: list[int] = []  # keys held per buffer, all of segment self._segments[idx]
+        self._segments: list[int] = []
         for slot in self._slots:
             shape = (batch_size, len(slot.kv_heads), 0, head_dim)  # grown by _reserve as keys arrive
             self._keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._values.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._lengths.append(0)
+            self._segments.append(0)
 
     # -- size -------------------------------------------------------------------------------------
     @property
@@ -180,7 +198,8 @@ class DilatedKVCache:
 
     def stored_keys(self) -> int:
         """Keys currently held, summed over buffers and key/value heads (one sequence)."""
-        return sum(n * len(s.kv_heads) for n, s in zip(self._lengths, self._slots))
+        return sum(n * len(s.kv_heads) for n, s, seg in zip(self._lengths, self._slots, self._segments)
+                   if seg >= max(self.position - 1, 0) // s.segment)  # the last token's segment or later
 
     # -- writing ----------------------------------------------------------------------------------
     def _reserve(self, idx: int, length: int) -> None:
@@ -221,7 +240,7 @@ class DilatedKVCache:
             self._reserve(idx, m)
             self._keys[idx][:, :, :m] = rows_k
             self._values[idx][:, :, :m] = rows_v
-            self._lengths[idx] = m
+            self._lengths[idx], self._segments[idx] = m, n // slot.segment
         self.position = n
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -240,12 +259,9 @@ class DilatedKVCache:
         out_dtype = q.dtype  # e.g. bfloat16 under autocast; the cache computes in its own dtype
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
         parts = []
-        for idx, slot in enumerate(self._slots):
-            rel = t % slot.segment
-            if rel == 0:
-                self._lengths[idx] = 0  # a new segment: nothing before it is visible any more
-            if rel % slot.dilation != slot.offset:
-                continue  # this pattern's heads of this offset see nothing at t
+        for idx, slot in active_slots(self._slots, self._by_pattern, t):
+            if self._segments[idx] != t // slot.segment:  # a new segment: nothing before it is visible any more
+                self._segments[idx], self._lengths[idx] = t // slot.segment, 0
             m = self._lengths[idx]
             kv = list(slot.kv_heads)
             self._reserve(idx, m + 1)
