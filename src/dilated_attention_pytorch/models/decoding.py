@@ -19,11 +19,13 @@ rows by absolute position), for callers that keep the whole history.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
-from ..kernels import acc_dtype
+from ..lru import cached
 from ..patterns import OffsetRule, pattern_groups
 
 __all__ = ["DecodingState", "DilatedKVCache", "decode_attention"]
@@ -42,8 +44,16 @@ class _Slot:
     capacity: int  # len(range(offset, segment, dilation))
 
 
-def decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, device) -> list[_Slot]:
-    """Every (pattern, offset) pair a causal row can use, with its query heads and key/value heads."""
+def decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, device) -> tuple[_Slot, ...]:
+    """Every (pattern, offset) pair a causal row can use, with its query heads and key/value heads (cached:
+    a decode step builds no tensors for them)."""
+    key = offsets if isinstance(offsets, str) else tuple(tuple(int(o) for o in row) for row in offsets)
+    return cached(_decode_slots, tuple(segment_lengths), tuple(dilation_rates), key, bool(head_groups), num_heads,
+                  num_kv_heads, torch.device(device))
+
+
+@lru_cache(maxsize=64)
+def _decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, device):
     group = num_heads // num_kv_heads
     longest = max(segment_lengths)  # W_i = min(w_i, longest) = w_i
     slots = []
@@ -53,10 +63,10 @@ def decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_head
         capacity = -(-(pg.segment - pg.offset) // pg.dilation)  # len(range(o, w, r)), beyond ssize_t too
         kv_heads = tuple(sorted({j // group for j in pg.heads}))
         slots.append(_Slot(pg.pattern, pg.segment, pg.dilation, pg.offset, heads, kv_heads, capacity))
-    return slots
+    return tuple(slots)
 
 
-def slots_by_pattern(slots: list[_Slot]) -> list[tuple[int, int, dict[int, int]]]:
+def slots_by_pattern(slots: Sequence[_Slot]) -> list[tuple[int, int, dict[int, int]]]:
     """Per pattern: ``(segment, dilation, {offset: slot index})``."""
     by_pattern: dict[int, tuple[int, int, dict[int, int]]] = {}
     for idx, slot in enumerate(slots):
@@ -64,7 +74,7 @@ def slots_by_pattern(slots: list[_Slot]) -> list[tuple[int, int, dict[int, int]]
     return list(by_pattern.values())
 
 
-def active_slots(slots: list[_Slot], by_pattern, t: int):
+def active_slots(slots: Sequence[_Slot], by_pattern, t: int):
     """``(index, slot)`` of the slots row ``t`` uses: per pattern, the one whose offset is ``t``'s phase."""
     for segment, dilation, by_offset in by_pattern:
         idx = by_offset.get(t % segment % dilation)
@@ -74,29 +84,20 @@ def active_slots(slots: list[_Slot], by_pattern, t: int):
 
 def attend_parts(scale: float, q: torch.Tensor, parts) -> torch.Tensor:
     """One query row per head, q ``(b, h, d)``, against the keys each active (pattern, offset) slot selects:
-    ``parts`` holds ``(slot, keys, values)``, keys/values ``(b, h_kv, L, d)``, at most
-    one slot per pattern (a row has one phase per pattern). One small attention over the concatenated keys,
-    each head masked to its own slots: a key selected by ``C`` patterns counts ``C`` times (a ``log C``
-    bonus), which is the log-sum-exp merge of the full pass. -> ``(b, h, d)`` in the accumulation dtype;
-    heads without keys give zeros."""
+    ``parts`` holds ``(slot, keys, values)``, keys/values ``(b, h_kv, L, d)``, at most one slot per pattern
+    (a row has one phase per pattern). One small attention over the concatenated keys, each head masked to
+    its own slots: a key selected by ``C`` patterns counts ``C`` times (a ``log C`` bonus), which is the
+    log-sum-exp merge of the full pass. -> ``(b, h, d)``; heads without keys give zeros."""
     b, h, d = q.shape
-    acc = acc_dtype(q.dtype)
     if not parts:
-        return q.new_zeros(b, h, d, dtype=acc)
-    keys, values, masks = [], [], []
-    for slot, k, v in parts:
-        keys.append(k)
-        values.append(v)
-        masks.append(slot.heads[:, None].expand(h, k.shape[2]))
-    k, v, mask = torch.cat(keys, dim=2).to(acc), torch.cat(values, dim=2).to(acc), torch.cat(masks, dim=1)
+        return torch.zeros_like(q)
+    k = torch.cat([k for _, k, _ in parts], dim=2)
+    v = torch.cat([v for _, _, v in parts], dim=2)
     h_kv, length = k.shape[1], k.shape[2]
-    scores = (q.to(acc).view(b, h_kv, h // h_kv, d) @ k.transpose(-1, -2)).view(b, h, length) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    top = scores.amax(dim=-1, keepdim=True)
-    weights = torch.exp(scores - top.masked_fill(top == float("-inf"), 0.0))  # heads without keys: all zeros
-    total = weights.sum(dim=-1, keepdim=True)
-    out = (weights.view(b, h_kv, h // h_kv, length) @ v).view(b, h, d)
-    return out / total.masked_fill(total == 0, 1.0)
+    mask = torch.cat([slot.heads[:, None].expand(h, kk.shape[2]) for slot, kk, _ in parts], dim=1)
+    mask = mask.view(1, h_kv, h // h_kv, length)  # the g query heads of a key/value head: g query rows
+    out = F.scaled_dot_product_attention(q.view(b, h_kv, h // h_kv, d), k, v, attn_mask=mask, scale=scale)
+    return torch.where(mask.any(dim=-1, keepdim=True), out, 0.0).view(b, h, d)  # no keys: zeros, not NaN
 
 
 def decode_attention(
@@ -233,9 +234,10 @@ class DilatedKVCache:
             # current segment of the *next* position n; bounds clamped to n (segments may exceed int64)
             start = min(n, n - n % slot.segment + slot.offset)
             step = min(slot.dilation, n)
-            kv = list(slot.kv_heads)
-            rows_k = key[:, start:n:step][:, :, kv].transpose(1, 2)  # (b, kv, m, d)
-            rows_v = value[:, start:n:step][:, :, kv].transpose(1, 2)
+            rows_k = key[:, start:n:step].transpose(1, 2)  # (b, h_kv, m, d)
+            rows_v = value[:, start:n:step].transpose(1, 2)
+            if len(slot.kv_heads) != self.num_kv_heads:
+                rows_k, rows_v = rows_k[:, list(slot.kv_heads)], rows_v[:, list(slot.kv_heads)]
             m = rows_k.shape[2]
             self._reserve(idx, m)
             self._keys[idx][:, :, :m] = rows_k
@@ -263,10 +265,10 @@ class DilatedKVCache:
             if self._segments[idx] != t // slot.segment:  # a new segment: nothing before it is visible any more
                 self._segments[idx], self._lengths[idx] = t // slot.segment, 0
             m = self._lengths[idx]
-            kv = list(slot.kv_heads)
             self._reserve(idx, m + 1)
-            self._keys[idx][:, :, m] = k[:, kv]
-            self._values[idx][:, :, m] = v[:, kv]
+            every = len(slot.kv_heads) == self.num_kv_heads
+            self._keys[idx][:, :, m] = k if every else k[:, list(slot.kv_heads)]
+            self._values[idx][:, :, m] = v if every else v[:, list(slot.kv_heads)]
             self._lengths[idx] = m + 1
             parts.append((slot, self._full(slot, self._keys[idx][:, :, : m + 1]),
                           self._full(slot, self._values[idx][:, :, : m + 1])))
