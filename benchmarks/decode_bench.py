@@ -5,7 +5,8 @@ A stack of Llama-shaped attention layers (q/k/v/o projections; h=32, h_kv=8, d=1
 (``DilatedKVCache``: one small attention per step over the keys the patterns select) and with SDPA over a
 full key/value cache. The context is filled cheaply: random keys/values written straight into the caches
 (no prefill). The decoded tokens are the last ones of the context, where every pattern's current segment
-is nearly full (the most keys a step can see). The SDPA stack shares one full-size cache buffer between
+is nearly full (the most keys a step can see). Default patterns: the LongNet schedule w = 2048·2^i,
+r = 2^i up to 64K (at most 6 · 2048 keys per head and step). The SDPA stack shares one full-size cache buffer between
 its layers (same reads per layer, a fraction of the memory); its cache bytes are reported for all layers.
 
     python benchmarks/decode_bench.py                 # one H200: 4K..1M context, batch 1 and 8 (~3 min)
@@ -213,8 +214,8 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--segments", type=int, nargs="+", default=[4096, 16384, 65536, 262144, 1048576])
-    p.add_argument("--dilations", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--segments", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
+    p.add_argument("--dilations", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=16, help="timed tokens per point")
