@@ -41,6 +41,8 @@ class _Slot:
     offset: int  # o
     heads: torch.Tensor  # (h,) bool: the query heads of this pattern with this offset
     kv_heads: tuple[int, ...]  # distinct key/value heads those query heads use (buffer order)
+    kv_index: Optional[torch.Tensor]  # kv_heads as a tensor; None when they are all key/value heads
+    kv_spread: Optional[torch.Tensor]  # (h_kv,) buffer index per key/value head (0 for those not kept)
     capacity: int  # len(range(offset, segment, dilation))
 
 
@@ -62,7 +64,11 @@ def _decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_hea
         heads[list(pg.heads)] = True
         capacity = -(-(pg.segment - pg.offset) // pg.dilation)  # len(range(o, w, r)), beyond ssize_t too
         kv_heads = tuple(sorted({j // group for j in pg.heads}))
-        slots.append(_Slot(pg.pattern, pg.segment, pg.dilation, pg.offset, heads, kv_heads, capacity))
+        every = len(kv_heads) == num_kv_heads
+        spread = [kv_heads.index(c) if c in kv_heads else 0 for c in range(num_kv_heads)]
+        slots.append(_Slot(pg.pattern, pg.segment, pg.dilation, pg.offset, heads, kv_heads,
+                           None if every else torch.tensor(kv_heads, device=device),
+                           None if every else torch.tensor(spread, device=device), capacity))
     return tuple(slots)
 
 
@@ -236,8 +242,8 @@ class DilatedKVCache:
             step = min(slot.dilation, n)
             rows_k = key[:, start:n:step].transpose(1, 2)  # (b, h_kv, m, d)
             rows_v = value[:, start:n:step].transpose(1, 2)
-            if len(slot.kv_heads) != self.num_kv_heads:
-                rows_k, rows_v = rows_k[:, list(slot.kv_heads)], rows_v[:, list(slot.kv_heads)]
+            if slot.kv_index is not None:
+                rows_k, rows_v = rows_k.index_select(1, slot.kv_index), rows_v.index_select(1, slot.kv_index)
             m = rows_k.shape[2]
             self._reserve(idx, m)
             self._keys[idx][:, :, :m] = rows_k
@@ -266,9 +272,9 @@ class DilatedKVCache:
                 self._segments[idx], self._lengths[idx] = t // slot.segment, 0
             m = self._lengths[idx]
             self._reserve(idx, m + 1)
-            every = len(slot.kv_heads) == self.num_kv_heads
-            self._keys[idx][:, :, m] = k if every else k[:, list(slot.kv_heads)]
-            self._values[idx][:, :, m] = v if every else v[:, list(slot.kv_heads)]
+            every = slot.kv_index is None
+            self._keys[idx][:, :, m] = k if every else k.index_select(1, slot.kv_index)
+            self._values[idx][:, :, m] = v if every else v.index_select(1, slot.kv_index)
             self._lengths[idx] = m + 1
             parts.append((slot, self._full(slot, self._keys[idx][:, :, : m + 1]),
                           self._full(slot, self._values[idx][:, :, : m + 1])))
@@ -276,12 +282,9 @@ class DilatedKVCache:
         return attend_parts(self.scale, q, parts).to(out_dtype)
 
     def _full(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
-        """A buffer ``(b, len(slot.kv_heads), L, d)`` over all key/value heads (zeros where the slot has none)."""
-        if len(slot.kv_heads) == self.num_kv_heads:
-            return x
-        full = x.new_zeros(x.shape[0], self.num_kv_heads, *x.shape[2:])
-        full[:, list(slot.kv_heads)] = x
-        return full
+        """A buffer ``(b, len(slot.kv_heads), L, d)`` over all key/value heads; a head the slot does not keep
+        gets some kept head's rows, which no query head of it sees (attend_parts masks them)."""
+        return x if slot.kv_spread is None else x.index_select(1, slot.kv_spread)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (e.g. after dropping finished sequences or for beam search)."""
