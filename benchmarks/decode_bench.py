@@ -97,7 +97,6 @@ def _sdpa(stack, a, batch, context, device, dtype):
         return x
 
     seconds = _time(step, batch, stack.e, a, device, dtype)
-    del keys, values
     return seconds, 2 * a.layers * batch * a.kv_heads * context * a.head_dim * torch.finfo(dtype).bits // 8
 
 

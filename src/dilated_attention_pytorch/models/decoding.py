@@ -46,7 +46,9 @@ class _Slot:
     capacity: int  # len(range(offset, segment, dilation))
 
 
-def decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, device) -> tuple[_Slot, ...]:
+def decode_slots(
+    segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, device
+) -> tuple[_Slot, ...]:
     """Every (pattern, offset) pair a causal row can use, with its query heads and key/value heads (cached:
     a decode step builds no tensors for them)."""
     key = offsets if isinstance(offsets, str) else tuple(tuple(int(o) for o in row) for row in offsets)
