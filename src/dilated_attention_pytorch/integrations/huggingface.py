@@ -11,12 +11,13 @@ What the attention function honours: causal or bidirectional attention, padding 
 boolean masks transformers builds from a 2-D ``attention_mask``) and packed documents (``position_ids``
 restarting per document, as ``DataCollatorWithFlattening`` makes them, or its ``cu_seq_lens_q/k``
 keyword arguments). Any other mask (sliding windows, custom 4-D masks) raises ``ValueError`` — dilated
-attention defines its own sparsity. With a key/value cache (``generate``), the new queries sit at the end
-of the cached keys: the rows are computed exactly (causal dilated attention is prefix-consistent) by
-running the pattern over the full key length; the model's own cache keeps the whole history (use
-``LongNetLM`` for a bounded cache). Both padding sides are exact: a row's segments start at its first
+attention defines its own sparsity. Both padding sides are exact: a row's segments start at its first
 valid token (left padding: ``sequence_starts``), and each packed document's at its own first token, so
-every row, and every document, gives what it gives alone.
+every row, and every document, gives what it gives alone. With a key/value cache (``generate``), the new
+queries sit at the end of the cached keys: without padding each row gathers only the keys its patterns
+select (causal dilated attention is prefix-consistent, so this is exact) — no pass over the whole cache;
+padded rows run the pattern over the full key length. The default cache keeps the whole history;
+``hf_cache.DilatedCache`` keeps only the rows future tokens can still see (bounded memory).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ import torch
 from .. import _validation as V
 from ..backends import BACKENDS
 from ..functional import dilated_attention
+from ..models.decoding import decode_attention
 
 __all__ = ["dilated_attention_forward_factory", "register_dilated_attention"]
+
+DECODE_KEY = "dilated_cache_layer"  # keyword by which a bounded DilatedCache layer hands over a decode step
 
 
 def _require_transformers() -> None:
@@ -156,6 +160,9 @@ def dilated_attention_forward_factory(
             raise ValueError("attn_implementation='dilated' never materialises attention weights (output_attentions)")
         causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
         q_len, kv_len = query.shape[2], key.shape[2]
+        bounded = kwargs.pop(DECODE_KEY, None)
+        if bounded is not None:  # a decode step on a bounded cache (hf_cache.DilatedCache)
+            return _bounded_step(bounded, query, key, value, attention_mask, scaling), None
         q = query.transpose(1, 2)  # (b, q, h, d)
         k, v = key.transpose(1, 2), value.transpose(1, 2)  # (b, kv, h_kv, d)
         dropout_p = dropout if module.training else 0.0
@@ -183,6 +190,10 @@ def dilated_attention_forward_factory(
                     f"dilated attention needs as many queries as keys unless causal with cached keys, but got "
                     f"{q_len} queries and {kv_len} keys (is_causal={causal})"
                 )
+            if padding is None and starts is None and not (module.training and dropout > 0):  # decode: gather only
+                out = decode_attention(q, k, v, segment_lengths, dilation_rates, offsets=offsets,
+                                       head_groups=head_groups, scale=scaling)
+                return out.contiguous(), None
             # The queries are the last q_len positions: run the causal pattern over all kv_len positions and
             # keep their rows (earlier rows are zeros and discarded; causal rows never see later ones).
             q = torch.cat((q.new_zeros(q.shape[0], kv_len - q_len, *q.shape[2:]), q), dim=1)
@@ -194,6 +205,15 @@ def dilated_attention_forward_factory(
         return out[:, kv_len - q_len :].contiguous(), None
 
     return dilated_attention_forward
+
+
+def _bounded_step(layer, query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """A decode step on a bounded cache layer: query ``(b, h, q, d)``, the new key/value ``(b, h_kv, q, d)``."""
+    if attention_mask is not None:
+        q_len = query.shape[2]
+        if _key_padding_from_mask(attention_mask, q_len, attention_mask.shape[-1], True) is not None:
+            raise ValueError("DilatedCache (bounded) does not support padded batches; use the default cache")
+    return layer.attend(query, key, value, scaling)
 
 
 def register_dilated_attention(

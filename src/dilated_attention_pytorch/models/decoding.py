@@ -9,42 +9,140 @@ pair in use the cache keeps one buffer: the keys of the *current* segment with t
 head the cache holds at most ``Σ_i ceil(w_i / r_i)`` keys however long the history is (LongNet's
 geometric configs keep ``w_i / r_i`` small, so this is well below the largest segment).
 
-A step merges, per head, the log-sum-exp partial results of the patterns whose phase matches with
-:func:`~dilated_attention_pytorch.merge.merge_step` — the same combination the full pass uses,
-so step ``t``'s output equals row ``t`` of the full causal forward pass (to rounding).
+A step runs one small attention (:func:`attend_parts`) per head over the keys of the patterns whose phase
+matches, concatenated: a key that ``C`` patterns select counts ``C`` times, which is exactly the
+log-sum-exp merge of the full pass, so step ``t``'s output equals row ``t`` of the full causal forward pass
+(to rounding). :func:`decode_attention` is the same step over a full key/value history (gathering the
+rows by absolute position), for callers that keep the whole history.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
-from ..kernels import BlockInputs, acc_dtype, choose_kernel
-from ..merge import finish_merge, lse_shift, merge_step
+from ..lru import cached
 from ..patterns import OffsetRule, pattern_groups
 
-__all__ = ["DecodingState", "DilatedKVCache"]
+__all__ = ["DecodingState", "DilatedKVCache", "decode_attention"]
 
 
 @dataclass(frozen=True)
 class _Slot:
     """One (pattern, offset) pair in use: its query heads, and the key/value heads it must keep."""
 
+    pattern: int  # i
     segment: int  # w_i
     dilation: int  # r_i
     offset: int  # o
-    heads: Union[slice, torch.Tensor]  # query heads, as a slice when contiguous
+    heads: torch.Tensor  # (h,) bool: the query heads of this pattern with this offset
     kv_heads: tuple[int, ...]  # distinct key/value heads those query heads use (buffer order)
-    kv_map: Optional[torch.Tensor]  # buffer kv index per query head; None when it is the identity
+    kv_index: Optional[torch.Tensor]  # kv_heads as a tensor; None when they are all key/value heads
+    kv_spread: Optional[torch.Tensor]  # (h_kv,) buffer index per key/value head (0 for those not kept)
     capacity: int  # len(range(offset, segment, dilation))
 
 
-def _index(heads: Sequence[int], device) -> Union[slice, torch.Tensor]:
-    if list(heads) == list(range(heads[0], heads[0] + len(heads))):
-        return slice(heads[0], heads[0] + len(heads))
-    return torch.tensor(heads, device=device)
+def decode_slots(
+    segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, device
+) -> tuple[_Slot, ...]:
+    """Every (pattern, offset) pair a causal row can use, with its query heads and key/value heads (cached:
+    a decode step builds no tensors for them)."""
+    key = offsets if isinstance(offsets, str) else tuple(tuple(int(o) for o in row) for row in offsets)
+    return cached(_decode_slots, tuple(segment_lengths), tuple(dilation_rates), key, bool(head_groups), num_heads,
+                  num_kv_heads, torch.device(device))
+
+
+@lru_cache(maxsize=64)
+def _decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, device):
+    group = num_heads // num_kv_heads
+    longest = max(segment_lengths)  # W_i = min(w_i, longest) = w_i
+    slots = []
+    for pg in pattern_groups(longest, num_heads, segment_lengths, dilation_rates, offsets, head_groups):
+        heads = torch.zeros(num_heads, dtype=torch.bool, device=device)
+        heads[list(pg.heads)] = True
+        capacity = -(-(pg.segment - pg.offset) // pg.dilation)  # len(range(o, w, r)), beyond ssize_t too
+        kv_heads = tuple(sorted({j // group for j in pg.heads}))
+        every = len(kv_heads) == num_kv_heads
+        spread = [kv_heads.index(c) if c in kv_heads else 0 for c in range(num_kv_heads)]
+        slots.append(_Slot(pg.pattern, pg.segment, pg.dilation, pg.offset, heads, kv_heads,
+                           None if every else torch.tensor(kv_heads, device=device),
+                           None if every else torch.tensor(spread, device=device), capacity))
+    return tuple(slots)
+
+
+def slots_by_pattern(slots: Sequence[_Slot]) -> list[tuple[int, int, dict[int, int]]]:
+    """Per pattern: ``(segment, dilation, {offset: slot index})``."""
+    by_pattern: dict[int, tuple[int, int, dict[int, int]]] = {}
+    for idx, slot in enumerate(slots):
+        by_pattern.setdefault(slot.pattern, (slot.segment, slot.dilation, {}))[2][slot.offset] = idx
+    return list(by_pattern.values())
+
+
+def active_slots(slots: Sequence[_Slot], by_pattern, t: int):
+    """``(index, slot)`` of the slots row ``t`` uses: per pattern, the one whose offset is ``t``'s phase."""
+    for segment, dilation, by_offset in by_pattern:
+        idx = by_offset.get(t % segment % dilation)
+        if idx is not None:
+            yield idx, slots[idx]
+
+
+def attend_parts(scale: float, q: torch.Tensor, parts) -> torch.Tensor:
+    """One query row per head, q ``(b, h, d)``, against the keys each active (pattern, offset) slot selects:
+    ``parts`` holds ``(slot, keys, values)``, keys/values ``(b, h_kv, L, d)``, at most one slot per pattern
+    (a row has one phase per pattern). One small attention over the concatenated keys, each head masked to
+    its own slots: a key selected by ``C`` patterns counts ``C`` times (a ``log C`` bonus), which is the
+    log-sum-exp merge of the full pass. -> ``(b, h, d)``; heads without keys give zeros."""
+    b, h, d = q.shape
+    if not parts:
+        return torch.zeros_like(q)
+    k = torch.cat([k for _, k, _ in parts], dim=2)
+    v = torch.cat([v for _, _, v in parts], dim=2)
+    h_kv, length = k.shape[1], k.shape[2]
+    mask = torch.cat([slot.heads[:, None].expand(h, kk.shape[2]) for slot, kk, _ in parts], dim=1)
+    mask = mask.view(1, h_kv, h // h_kv, length)  # the g query heads of a key/value head: g query rows
+    out = F.scaled_dot_product_attention(q.view(b, h_kv, h // h_kv, d), k, v, attn_mask=mask, scale=scale)
+    return torch.where(mask.any(dim=-1, keepdim=True), out, 0.0).view(b, h, d)  # no keys: zeros, not NaN
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    offsets: OffsetRule = "paper",
+    head_groups: bool = False,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The last ``m`` rows of causal dilated attention over a full key/value history, without a pass over it.
+
+    query ``(b, m, h, d)`` holds positions ``n-m .. n-1`` of key/value ``(b, n, h_kv, d)``. Each row gathers
+    only the keys its patterns select (by absolute position: at most ``Σ_i ceil(w_i / r_i)`` per head) and
+    merges them as the full pass does, so row ``i`` equals row ``n-m+i`` of the full causal pass (to
+    rounding). Patterns are taken as validated (see :func:`~dilated_attention_pytorch.dilated_attention`).
+    -> ``(b, m, h, d)`` in the query's dtype."""
+    b, m, h, d = query.shape
+    n, h_kv = key.shape[1], key.shape[2]
+    if m > n or h % h_kv != 0:
+        raise ValueError(f"query (b, m={m}, h={h}, d) must be the last rows of key (b, n={n}, h_kv={h_kv}, d) "
+                         f"with m <= n and h a multiple of h_kv")
+    scale = d**-0.5 if scale is None else float(scale)
+    slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, h, h_kv, query.device)
+    by_pattern = slots_by_pattern(slots)
+    outs = []
+    for i in range(m):
+        t = n - m + i
+        parts = []
+        for _, slot in active_slots(slots, by_pattern, t):
+            rows = slice(t - t % slot.segment + slot.offset, t + 1, min(slot.dilation, n))  # segment's keys, phase
+            parts.append((slot, key[:, rows].transpose(1, 2), value[:, rows].transpose(1, 2)))  # (b, h_kv, L, d)
+        outs.append(attend_parts(scale, query[:, i], parts))
+    return torch.stack(outs, dim=1).to(query.dtype)
 
 
 class DilatedKVCache:
@@ -79,27 +177,19 @@ class DilatedKVCache:
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.scale = head_dim**-0.5 if scale is None else float(scale)
         self.position = 0  # absolute position of the next token
-        group = num_heads // num_kv_heads
-        longest = max(segment_lengths)  # W_i = min(w_i, longest) = w_i
-        self._slots: list[_Slot] = []
+        self._slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads,
+                                   self.device)
+        self._by_pattern = slots_by_pattern(self._slots)
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
-        self._lengths: list[int] = []
-        for pg in pattern_groups(longest, num_heads, segment_lengths, dilation_rates, offsets, head_groups):
-            kv_of_head = [j // group for j in pg.heads]
-            kv_heads = tuple(sorted(set(kv_of_head)))
-            kv_map = [kv_heads.index(c) for c in kv_of_head]
-            capacity = -(-(pg.segment - pg.offset) // pg.dilation)  # len(range(o, w, r)), beyond ssize_t too
-            self._slots.append(_Slot(
-                pg.segment, pg.dilation, pg.offset, _index(pg.heads, self.device), kv_heads,
-                None if kv_map == list(range(len(kv_heads))) else torch.tensor(kv_map, device=self.device),
-                capacity,
-            ))
-            shape = (batch_size, len(kv_heads), 0, head_dim)  # grown by _reserve as keys arrive
+        self._lengths: list[int] = []  # keys held per buffer, all of segment self._segments[idx]
+        self._segments: list[int] = []
+        for slot in self._slots:
+            shape = (batch_size, len(slot.kv_heads), 0, head_dim)  # grown by _reserve as keys arrive
             self._keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._values.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._lengths.append(0)
-        self._kernel = choose_kernel(BlockInputs(self.device.type, dtype, head_dim, False, False, False))
+            self._segments.append(0)
 
     # -- size -------------------------------------------------------------------------------------
     @property
@@ -107,7 +197,7 @@ class DilatedKVCache:
         """Most keys any one query head can ever see through the cache (over all its patterns)."""
         per_head = [0] * self.num_heads
         for slot in self._slots:
-            for j in range(self.num_heads)[slot.heads] if isinstance(slot.heads, slice) else slot.heads.tolist():
+            for j in slot.heads.nonzero().flatten().tolist():
                 per_head[j] += slot.capacity
         return max(per_head)
 
@@ -117,7 +207,8 @@ class DilatedKVCache:
 
     def stored_keys(self) -> int:
         """Keys currently held, summed over buffers and key/value heads (one sequence)."""
-        return sum(n * len(s.kv_heads) for n, s in zip(self._lengths, self._slots))
+        return sum(n * len(s.kv_heads) for n, s, seg in zip(self._lengths, self._slots, self._segments)
+                   if seg >= max(self.position - 1, 0) // s.segment)  # the last token's segment or later
 
     # -- writing ----------------------------------------------------------------------------------
     def _reserve(self, idx: int, length: int) -> None:
@@ -151,14 +242,15 @@ class DilatedKVCache:
             # current segment of the *next* position n; bounds clamped to n (segments may exceed int64)
             start = min(n, n - n % slot.segment + slot.offset)
             step = min(slot.dilation, n)
-            kv = list(slot.kv_heads)
-            rows_k = key[:, start:n:step][:, :, kv].transpose(1, 2)  # (b, kv, m, d)
-            rows_v = value[:, start:n:step][:, :, kv].transpose(1, 2)
+            rows_k = key[:, start:n:step].transpose(1, 2)  # (b, h_kv, m, d)
+            rows_v = value[:, start:n:step].transpose(1, 2)
+            if slot.kv_index is not None:
+                rows_k, rows_v = rows_k.index_select(1, slot.kv_index), rows_v.index_select(1, slot.kv_index)
             m = rows_k.shape[2]
             self._reserve(idx, m)
             self._keys[idx][:, :, :m] = rows_k
             self._values[idx][:, :, :m] = rows_v
-            self._lengths[idx] = m
+            self._lengths[idx], self._segments[idx] = m, n // slot.segment
         self.position = n
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -174,38 +266,27 @@ class DilatedKVCache:
     def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One token at ``self.position``: q ``(b, h, d)``, k/v ``(b, h_kv, d)`` -> ``(b, h, d)``."""
         t = self.position
-        b, h, d = q.shape
         out_dtype = q.dtype  # e.g. bfloat16 under autocast; the cache computes in its own dtype
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
-        acc = acc_dtype(self.dtype)
-        out_sum = torch.zeros(b, h, d, dtype=acc, device=q.device)
-        lse_max = torch.full((b, h), float("-inf"), dtype=acc, device=q.device)
-        total = torch.zeros(b, h, dtype=acc, device=q.device)
-        for idx, slot in enumerate(self._slots):
-            rel = t % slot.segment
-            if rel == 0:
-                self._lengths[idx] = 0  # a new segment: nothing before it is visible any more
-            if rel % slot.dilation != slot.offset:
-                continue  # this pattern's heads of this offset see nothing at t
+        parts = []
+        for idx, slot in active_slots(self._slots, self._by_pattern, t):
+            if self._segments[idx] != t // slot.segment:  # a new segment: nothing before it is visible any more
+                self._segments[idx], self._lengths[idx] = t // slot.segment, 0
             m = self._lengths[idx]
-            kv = list(slot.kv_heads)
             self._reserve(idx, m + 1)
-            self._keys[idx][:, :, m] = k[:, kv]
-            self._values[idx][:, :, m] = v[:, kv]
+            every = slot.kv_index is None
+            self._keys[idx][:, :, m] = k if every else k.index_select(1, slot.kv_index)
+            self._values[idx][:, :, m] = v if every else v.index_select(1, slot.kv_index)
             self._lengths[idx] = m + 1
-            keys, values = self._keys[idx][:, :, : m + 1], self._values[idx][:, :, : m + 1]  # (b, kv, L, d)
-            if slot.kv_map is not None:
-                keys, values = keys.index_select(1, slot.kv_map), values.index_select(1, slot.kv_map)
-            q_slot = q[:, slot.heads].unsqueeze(2)  # (b, H_g, 1, d)
-            out_g, lse_g, _ = self._kernel.forward(
-                q_slot, keys, values, key_valid=None, is_causal=False, scale=self.scale, dropout_p=0.0
-            )
-            s = slot.heads
-            out_sum[:, s], lse_max[:, s], total[:, s] = merge_step(
-                out_sum[:, s], lse_max[:, s], total[:, s], out_g[:, :, 0].to(acc), lse_g[:, :, 0].to(acc))
-        out, _ = finish_merge(out_sum, lse_shift(lse_max), total)
+            parts.append((slot, self._full(slot, self._keys[idx][:, :, : m + 1]),
+                          self._full(slot, self._values[idx][:, :, : m + 1])))
         self.position = t + 1
-        return out.to(out_dtype)
+        return attend_parts(self.scale, q, parts).to(out_dtype)
+
+    def _full(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
+        """A buffer ``(b, len(slot.kv_heads), L, d)`` over all key/value heads; a head the slot does not keep
+        gets some kept head's rows, which no query head of it sees (attend_parts masks them)."""
+        return x if slot.kv_spread is None else x.index_select(1, slot.kv_spread)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (e.g. after dropping finished sequences or for beam search)."""

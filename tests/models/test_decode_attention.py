@@ -1,0 +1,47 @@
+"""The gather decode path: the last rows of causal dilated attention over a full key/value history, computed
+from only the keys each row's patterns select, equal those rows of the full causal pass (fp32/fp64), across
+segment boundaries of every pattern, past the largest segment, batch > 1, GQA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dilated_attention_pytorch.models.decoding import decode_attention
+from dilated_attention_pytorch.reference import reference_dilated_attention
+
+from tests.models.test_decoding import CASES
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_every_row_equals_the_full_causal_pass(case, dtype):
+    ws, rs, offsets, h, h_kv, head_groups = case
+    b, d = 3, 8
+    n = 2 * max(ws) + 5  # every pattern's segment boundaries, past the largest segment
+    q, k, v = (torch.randn(b, n, heads, d, dtype=torch.float64) for heads in (h, h_kv, h_kv))
+    ref, _ = reference_dilated_attention(q, k, v, ws, rs, is_causal=True, offsets=offsets, head_groups=head_groups)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    for t in range(n):  # one query row at a time, as a decoding step sees it
+        out = decode_attention(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], ws, rs, offsets=offsets,
+                               head_groups=head_groups)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out[:, 0].double(), ref[:, t], rtol=TOL[dtype], atol=TOL[dtype],
+                                   msg=lambda m: f"row {t}: {m}")
+    tail = decode_attention(q[:, -6:], k, v, ws, rs, offsets=offsets, head_groups=head_groups)  # several rows
+    torch.testing.assert_close(tail.double(), ref[:, -6:], rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_huge_segments_cost_only_the_text():
+    q, k, v = (torch.randn(2, 9, 4, 8, dtype=torch.float64) for _ in range(3))
+    ws, rs = (4, 2**62), (1, 2**40)
+    ref, _ = reference_dilated_attention(q, k, v, ws, rs, is_causal=True)
+    torch.testing.assert_close(decode_attention(q[:, -3:], k, v, ws, rs), ref[:, -3:], rtol=1e-12, atol=1e-12)
+
+
+def test_bad_shapes_raise():
+    q, k = torch.randn(1, 5, 4, 8), torch.randn(1, 3, 2, 8)
+    with pytest.raises(ValueError, match="m <= n"):
+        decode_attention(q, k, k, (4,), (1,))
