@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dilated_attention_pytorch.models.decoding import DilatedKVCache
 
@@ -102,7 +103,10 @@ def _sdpa(stack, a, batch, context, device, dtype):
 
 def _time(step, batch, e, a, device, dtype) -> float:
     x = torch.randn(batch, 1, e, device=device, dtype=dtype)
-    with torch.no_grad():
+    # SDPA without cuDNN for both methods: cuDNN builds an execution plan for every new key length, i.e. at
+    # every decode step (tens of ms), which would time plan building instead of attention
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.no_grad(), sdpa_kernel(backends):
         for _ in range(a.warmup):
             x = step(x)
         _sync(device)

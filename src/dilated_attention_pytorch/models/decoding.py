@@ -24,9 +24,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..lru import cached
 from ..patterns import OffsetRule, pattern_groups
+
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 __all__ = ["DecodingState", "DilatedKVCache", "decode_attention"]
 
@@ -104,7 +107,9 @@ def attend_parts(scale: float, q: torch.Tensor, parts) -> torch.Tensor:
     h_kv, length = k.shape[1], k.shape[2]
     mask = torch.cat([slot.heads[:, None].expand(h, kk.shape[2]) for slot, kk, _ in parts], dim=1)
     mask = mask.view(1, h_kv, h // h_kv, length)  # the g query heads of a key/value head: g query rows
-    out = F.scaled_dot_product_attention(q.view(b, h_kv, h // h_kv, d), k, v, attn_mask=mask, scale=scale)
+    # not cuDNN: it builds an execution plan for every new key length, i.e. at every decode step
+    with sdpa_kernel(_DECODE_BACKENDS):
+        out = F.scaled_dot_product_attention(q.view(b, h_kv, h // h_kv, d), k, v, attn_mask=mask, scale=scale)
     return torch.where(mask.any(dim=-1, keepdim=True), out, 0.0).view(b, h, d)  # no keys: zeros, not NaN
 
 
