@@ -272,7 +272,6 @@ def single_device_ms(s: Setting, backward: bool, a) -> Optional[float]:
             out.backward(dout)
 
     ms = _time(call, s.device, a)
-    del q, k, v, dout
     return ms
 
 
