@@ -45,3 +45,26 @@ def test_bad_shapes_raise():
     q, k = torch.randn(1, 5, 4, 8), torch.randn(1, 3, 2, 8)
     with pytest.raises(ValueError, match="m <= n"):
         decode_attention(q, k, k, (4,), (1,))
+
+
+@pytest.mark.parametrize("ws,rs,h,h_kv,offsets,head_groups", [
+    ([4, 8, 16], [1, 4, 4], 2, 1, "torchscale", False),
+    ([8, 16], [1, 4], 6, 2, "torchscale", True),
+    ([8, 16], [1, 4], 4, 2, "paper", False),
+    ([6, 12], [2, 3], 4, 4, "paper", False),
+])
+def test_a_nan_key_reaches_only_the_heads_that_see_it(ws, rs, h, h_kv, offsets, head_groups):
+    """A NaN key inside another head's slot (same key/value head, another phase) leaves this head's row
+    finite: decoding gives NaN exactly where the full causal pass does, and equal values elsewhere."""
+    n = 26
+    for u in range(n):  # the NaN at every position of every key/value head in turn
+        for kh in range(h_kv):
+            q = torch.randn(1, n, h, 4, dtype=torch.float64)
+            k, v = torch.randn(1, n, h_kv, 4, dtype=torch.float64), torch.randn(1, n, h_kv, 4, dtype=torch.float64)
+            k[0, u, kh] = float("nan")
+            full, _ = reference_dilated_attention(q, k, v, ws, rs, is_causal=True, offsets=offsets,
+                                                  head_groups=head_groups)
+            dec = decode_attention(q[:, -1:], k, v, ws, rs, offsets=offsets, head_groups=head_groups)[:, 0]
+            assert torch.equal(dec.isnan(), full[:, -1].isnan()), (u, kh)
+            finite = ~full[:, -1].isnan()
+            torch.testing.assert_close(dec[finite], full[:, -1][finite], rtol=1e-10, atol=1e-10)

@@ -106,10 +106,14 @@ def attend_parts(scale: float, q: torch.Tensor, parts) -> torch.Tensor:
     v = torch.cat([v for _, _, v in parts], dim=2)
     h_kv, length = k.shape[1], k.shape[2]
     mask = torch.cat([slot.heads[:, None].expand(h, kk.shape[2]) for slot, kk, _ in parts], dim=1)
-    mask = mask.view(1, h_kv, h // h_kv, length)  # the g query heads of a key/value head: g query rows
+    # Each query head gets its own copy of its key/value head's rows with the columns it does not see
+    # zeroed: a masked score is q·k before the mask, so a NaN or inf key of another head's slot would
+    # otherwise reach this head's output.
+    mask = mask.view(1, h, 1, length)
+    k, v = (torch.where(mask.transpose(2, 3), x.repeat_interleave(h // h_kv, dim=1), 0.0) for x in (k, v))
     # not cuDNN: it builds an execution plan for every new key length, i.e. at every decode step
     with sdpa_kernel(_DECODE_BACKENDS):
-        out = F.scaled_dot_product_attention(q.view(b, h_kv, h // h_kv, d), k, v, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale)  # (b, h, 1, d)
     return torch.where(mask.any(dim=-1, keepdim=True), out, 0.0).view(b, h, d)  # no keys: zeros, not NaN
 
 
