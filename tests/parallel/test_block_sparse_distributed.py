@@ -74,6 +74,7 @@ def worker(rank: int, port: int, result_dir: str) -> None:
             assert "multiple of block_size=4" in str(err)
         with open(os.path.join(result_dir, f"ok{rank}"), "w") as f:
             f.write("ok")
+        dist.barrier()  # neither rank tears its group down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
 
