@@ -35,6 +35,10 @@ class ImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     """Multi-head dilated attention with one fused q/k/v projection (``qkv_proj``)."""
 
     attention_class = ImprovedDilatedAttention
+    _layout_hint = ("qkv_proj.weight", "q_proj.weight",
+                    "has separate q_proj/k_proj/v_proj weights (a MultiheadDilatedAttention's); this module fuses them "
+                    "into qkv_proj: load it into a MultiheadDilatedAttention m and convert with "
+                    "ImprovedMultiheadDilatedAttention.from_multihead(m)")
 
     def _make_projections(self, bias: bool, factory: dict) -> None:
         kv_dim = self.num_kv_heads * self.head_dim
@@ -55,16 +59,6 @@ class ImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
             return self.qkv_proj(query).split(self._split(), dim=-1)
         return tuple(nn.functional.linear(x, w, b) for x, (w, b) in zip((query, key, value), self._qkv()))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        if strict and prefix + "qkv_proj.weight" not in state_dict and prefix + "q_proj.weight" in state_dict:
-            error_msgs.append(
-                f"the state dict at {prefix or 'the top level'!r} has separate q_proj/k_proj/v_proj weights (a "
-                "MultiheadDilatedAttention's); this module fuses them into qkv_proj: load it into a "
-                "MultiheadDilatedAttention m and convert with ImprovedMultiheadDilatedAttention.from_multihead(m)"
-            )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     # -- lossless conversion -----------------------------------------------------------------------
     def _settings(self) -> dict:

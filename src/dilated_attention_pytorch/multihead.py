@@ -56,6 +56,9 @@ class BaseMultiheadDilatedAttention(nn.Module):
     """
 
     attention_class: Callable[..., BaseDilatedAttention] = DilatedAttention
+    # (this layout's weight, the other multihead layout's weight, what to do): a strict load of the other
+    # layout's state dict names the conversion, not only the missing and unexpected keys
+    _layout_hint: Optional[tuple[str, str, str]] = None
 
     def __init__(
         self,
@@ -220,17 +223,19 @@ class BaseMultiheadDilatedAttention(nn.Module):
             return out[0], None
         return (out if self.batch_first else out.transpose(0, 1)), None
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        hint = self._layout_hint
+        if strict and hint is not None and prefix + hint[0] not in state_dict and prefix + hint[1] in state_dict:
+            error_msgs.append(f"the state dict at {prefix or 'the top level'!r} {hint[2]}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
 
 class MultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     """Multi-head dilated attention with separate q/k/v projections (README, "Modules")."""
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        if strict and prefix + "q_proj.weight" not in state_dict and prefix + "qkv_proj.weight" in state_dict:
-            error_msgs.append(
-                f"the state dict at {prefix or 'the top level'!r} has one fused qkv_proj weight (an "
-                "ImprovedMultiheadDilatedAttention's); this module has separate q_proj/k_proj/v_proj: load it into "
-                "an ImprovedMultiheadDilatedAttention m and convert with m.to_multihead()"
-            )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    _layout_hint = ("q_proj.weight", "qkv_proj.weight",
+                    "has one fused qkv_proj weight (an ImprovedMultiheadDilatedAttention's); this module has "
+                    "separate q_proj/k_proj/v_proj: load it into an ImprovedMultiheadDilatedAttention m and convert "
+                    "with m.to_multihead()")
