@@ -46,10 +46,9 @@ from dilated_attention_pytorch.backends import choose_backend
 from dilated_attention_pytorch.bench.flops import attended_pairs, useful_flops
 from dilated_attention_pytorch.bench.measure import time_calls
 from dilated_attention_pytorch.functional import attend, attention_args
-from dilated_attention_pytorch.parallel.ring import (
-    _BACKENDS, BACKWARD_GRADS, FORWARD_ROWS, _pack_kv, _RingExchange, ring_shard,
-)
+from dilated_attention_pytorch.parallel.ring import _BACKENDS, BACKWARD_GRADS, FORWARD_ROWS, _RingExchange, ring_shard
 from dilated_attention_pytorch.parallel.ring_plan import RingPlan, _rows_of, ring_plan
+from dilated_attention_pytorch.parallel.ring_wire import pack, wire
 from dilated_attention_pytorch.patterns import pattern_groups
 
 SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]  # benchmarks/ring_scaling.py
@@ -103,8 +102,10 @@ class Setting:
         return self.world * self.n_local
 
     def plan(self, rank: int) -> RingPlan:
+        """Rank ``rank``'s plan as the ring makes it: without core on a GPU (the fused path, one program over
+        the shard), with core elsewhere."""
         return ring_plan(self.world, rank, self.n_local, self.heads, self.kv_heads, self.segs, self.dils, "paper",
-                         False, self.causal)
+                         False, self.causal, with_core=self.device.type != "cuda")
 
 
 def setting(regime: str, world: int, n_local: int, causal: bool, a) -> Setting:
@@ -126,7 +127,13 @@ def shard(s: Setting, rank: int, which: int, seed: int) -> torch.Tensor:
 
 def incoming(s: Setting, plan: RingPlan, seed: int) -> tuple:
     """What each peer of ``plan.recvs`` would send this rank (built from that peer's own shard)."""
-    return tuple(_pack_kv(shard(s, peer, 1, seed), shard(s, peer, 2, seed), None, ts) for peer, ts in plan.recvs)
+    out = []
+    for peer, _ in plan.recvs:
+        sender = s.plan(peer)
+        k, v = shard(s, peer, 1, seed), shard(s, peer, 2, seed)
+        parts = pack(sender, k, v, None).split(wire(sender, 1, s.kv_heads, s.head_dim, False, s.device).send_sizes)
+        out.append(parts[[p for p, _ in sender.sends].index(plan.rank)])
+    return tuple(out)
 
 
 def rank_call(s: Setting, rank: int, seed: int, backward: bool) -> tuple[Callable[[], torch.Tensor], tuple]:
@@ -275,8 +282,20 @@ def single_device_ms(s: Setting, backward: bool, a) -> Optional[float]:
     return ms
 
 
+def whole_output(s: Setting, a) -> Optional[torch.Tensor]:
+    """Single-device attention (fused on a GPU) on the whole sequence the ranks' shards make up, or None
+    if it is longer than ``--single-max``."""
+    if s.n > a.single_max or not a.check:
+        return None
+    q, k, v = (torch.cat([shard(s, p, i, a.seed) for p in range(s.world)], 1) for i in range(3))
+    with torch.no_grad():
+        return dilated_attention(q, k, v, list(s.segs), list(s.dils), is_causal=s.causal,
+                                 backend="fused" if s.device.type == "cuda" else "auto")
+
+
 def run_setting(s: Setting, a) -> dict:
     ranks, distinct = ranks_to_time(s, a.max_ranks)
+    whole = whole_output(s, a)
     itemsize = torch.finfo(s.dtype).bits // 8
     res = {"regime": s.regime, "world": s.world, "n_local": s.n_local, "n_total": s.n, "causal": s.causal,
            "segments": list(s.segs), "dilations": list(s.dils), "distinct_plans": distinct, "ranks": []}
@@ -288,6 +307,12 @@ def run_setting(s: Setting, a) -> dict:
                "remote_calls": len(plan.remote_calls), "peers_received_from": len(plan.recvs),
                "bytes_received": plan.forward_bytes_received(1, s.head_dim, itemsize),
                "bytes_sent": plan.forward_bytes_sent(1, s.head_dim, itemsize), "pairs": pairs}
+        if whole is not None:  # the rank's forward against its rows of the single-device output
+            with torch.no_grad():
+                out = rank_call(s, p, a.seed, False)[0]()
+            ref = whole[:, p * s.n_local:(p + 1) * s.n_local]
+            row["max_abs_diff_vs_single"] = (out.float() - ref.float()).abs().max().item()
+            row["max_abs_single"] = ref.float().abs().max().item()
         for mode, backward in (("fwd", False), ("fwdbwd", True)):
             call, tensors = rank_call(s, p, a.seed, backward)
             ms = _time(call, s.device, a)
@@ -364,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest whole sequence timed on one device (default 3670016 = 3.5M)")
     p.add_argument("--no-single", dest="single", action="store_false")
     p.add_argument("--no-ceiling", dest="ceiling", action="store_false")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip comparing each timed rank's output with single-device attention on the whole sequence")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--min-time-s", type=float, default=None)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .executor import Group, Program, Task, execute
+from .executor import Gather, Group, Program, Task, execute
 from .kernels import BlockKernel
 from .patterns import OffsetRule
 from .lru import cached
@@ -60,7 +60,7 @@ def engine_program(b: int, n: int, num_heads: int, num_kv_heads: int, key_mask: 
         for c0, c1 in bounds:
             segments = tuple(min(w, c1 - c0) for w in opts.segment_lengths)
             tasks = _chunk_tasks(bs.stop - bs.start, c1 - c0, num_heads, num_kv_heads, key_mask, segments, opts)
-            gather = (segments, opts.dilation_rates) if opts.merge == "triton" else None
+            gather = Gather(segments, opts.dilation_rates) if opts.merge == "triton" else None
             groups.append(Group(tasks, (bs, c0, c1), gather))
     return Program(tuple(groups), opts.scale, opts.dropout_p, opts.grads_in_input_dtype,
                    exact_backward=len(opts.segment_lengths) > 1)  # one pattern: shift = lse, total = 1

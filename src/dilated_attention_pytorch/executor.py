@@ -32,7 +32,7 @@ import torch
 from .kernels import BlockInputs, BlockKernel, acc_dtype, has_key, host_checks
 from .merge import backward_stats, finish_merge, lse_shift, merge_step
 
-__all__ = ["Exchange", "Group", "Program", "Task", "execute"]
+__all__ = ["Exchange", "Gather", "Group", "Program", "Task", "execute"]
 
 Space = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # keys, values, valid keys
 
@@ -63,11 +63,23 @@ class Task:
     writes: tuple[bool, bool, bool] = (False, False, False)  # dq, dk, dv written, not added (runs first)
 
 
+@dataclass(frozen=True)
+class Gather:
+    """The fused merge of a group: one Triton gather kernel (:func:`.kernels.triton_gather.gather_blocks`;
+    ``phases``/``full``/``slots`` place blocks of rows that do not start at a segment boundary)."""
+
+    segments: tuple[int, ...]
+    dilations: tuple[int, ...]
+    phases: Optional[tuple[int, ...]] = None
+    full: Optional[tuple[int, ...]] = None
+    slots: Optional[tuple[tuple[int, int, int], ...]] = None  # per task: (pattern row, kind, offset)
+
+
 @dataclass(frozen=True, eq=False)
 class Group:
     tasks: tuple[Task, ...]
     rows: Optional[tuple[slice, int, int]] = None  # (batch rows, start, stop) of query and key space; None: all
-    gather: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None  # fused merge: (segments, dilations)
+    gather: Optional[Gather] = None  # the fused merge; None: merge in PyTorch ops
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,9 +170,11 @@ class _Execute(torch.autograd.Function):
             if group.gather is not None:
                 from .kernels.triton_gather import gather_blocks
 
+                g = group.gather
                 gather_blocks(out_g, lse_g, [t.q.block for t in group.tasks], [r[0] for r in results],
-                              [r[1] for r in results], num_heads=q.shape[2], segments=group.gather[0],
-                              dilations=group.gather[1], stats_target=stats_g)
+                              [r[1] for r in results], num_heads=q.shape[2], segments=g.segments,
+                              dilations=g.dilations, stats_target=stats_g, phases=g.phases, full=g.full,
+                              slots=g.slots)
                 continue
             shift = lse_shift(lse_max)
             merged_out, merged_lse = finish_merge(out_sum, shift, total)

@@ -7,8 +7,8 @@ and ``write(target, src)`` / ``add(target, src, write=False)`` back to ``x``'s l
   view, no gather copy (a head list that is not an arithmetic progression is an ``index_select``). Chains
   of view ops are remembered per shape and stride (:class:`ViewMemo`), so later calls make each view
   with one ``as_strided``.
-- :class:`HeadSelect`: all rows of a ``(b, L, U, F)`` tensor with a head chosen per query head (rows
-  received from another rank).
+- :class:`Whole`: a tensor already in the kernel layout (rows received from other ranks, laid out per
+  kernel call on arrival).
 - :class:`Tiles`: ``(head, block)`` tiles of a blocked ``(b, H, blocks, block_size, F)`` tensor (block-sparse).
 
 Row-wise tensors (LSEs, masks) are read with a trailing feature dimension of 1.
@@ -25,7 +25,7 @@ import torch
 from .lru import LRUCache
 from .planning import Block, HeadIndex, index_key
 
-__all__ = ["HeadSelect", "Rows", "Tiles", "ViewMemo", "from_kernel", "rows", "to_kernel"]
+__all__ = ["Rows", "Tiles", "ViewMemo", "from_kernel", "rows", "to_kernel", "Whole"]
 
 
 class ViewMemo:
@@ -162,22 +162,17 @@ class Rows:
         r.index_copy_(3, idx, src.to(target.dtype)) if write else r.index_add_(3, idx, src.to(target.dtype))
 
 
-@dataclass(frozen=True)
-class HeadSelect:
-    """Every row of a ``(b, L, U, F)`` tensor, with key/value head ``select[j]`` for query head ``j``."""
-
-    select: tuple[int, ...]
+class Whole:
+    """All of a tensor that is already in the kernel layout ``(B, H, L, F)``, its key mask ``(B, L)``."""
 
     def read(self, x: torch.Tensor) -> torch.Tensor:
-        return x.index_select(2, index_tensor(self.select, x.device)).transpose(1, 2)
+        return x
 
     def mask(self, key_valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return key_valid
 
     def add(self, target: torch.Tensor, src: torch.Tensor, write: bool = False) -> None:
-        if write:
-            raise ValueError("HeadSelect views only add (several query heads may share a key/value head)")
-        target.index_add_(2, index_tensor(self.select, target.device), src.transpose(1, 2).to(target.dtype))
+        target.copy_(src) if write else target.add_(src)
 
 
 @dataclass(frozen=True, eq=False)

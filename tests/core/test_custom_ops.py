@@ -48,7 +48,7 @@ def test_importing_the_package_does_not_import_triton():
 
 # -- gather_merge: two patterns over m = 16 tokens, h = 2 heads: (W 8, r 1) and (W 16, r 2, offsets 1, 0)
 B, M, H, D = 2, 16, 2, 16
-TABLES = [8, 1, 2, 16, 2, 1] + [0, 0, 0, -1, 0, 1, 0, -1] + [1, 0, 1, -1, 0, 1, 1, -1]
+TABLES = [8, 1, 0, 2, 16, 2, 0, 1] + [0, 0, 0, -1, -1, 0, 1, 0, -1, -1] + [1, 0, 1, -1, -1, 0, 1, 1, -1, -1]
 
 
 def _gather_inputs():

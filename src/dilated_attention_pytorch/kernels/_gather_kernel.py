@@ -12,20 +12,28 @@ import triton.language as tl
 @triton.jit
 def _locate(t, t_ok, bb, i, j, pat_tab, head_tab, num_heads):
     """Where row ``t`` of head ``j`` lies among pattern ``i``'s blocks: (covered, block id, batch row,
-    head position, row) — 32-bit index arithmetic, 64-bit rows for addressing."""
-    seg_len = tl.load(pat_tab + 3 * i).to(tl.int32)
-    r = tl.load(pat_tab + 3 * i + 1).to(tl.int32)
-    full = tl.load(pat_tab + 3 * i + 2).to(tl.int32)
-    hrow = head_tab + 4 * (i * num_heads + j)
+    head position, row) — 32-bit index arithmetic, 64-bit rows for addressing. Row ``t`` is position
+    ``u = t + phase`` from the start of the pattern's first segment: segment 0 is a head block when the
+    phase is not 0 (it began before row 0), then ``full`` whole segments (one block, batched), then a tail
+    block (the last segment, cut by the end of the rows or of the sequence)."""
+    seg_len = tl.load(pat_tab + 4 * i).to(tl.int32)
+    r = tl.load(pat_tab + 4 * i + 1).to(tl.int32)
+    phase = tl.load(pat_tab + 4 * i + 2).to(tl.int32)
+    full = tl.load(pat_tab + 4 * i + 3).to(tl.int32)
+    hrow = head_tab + 5 * (i * num_heads + j)
     off = tl.load(hrow).to(tl.int32)
     hpos = tl.load(hrow + 1).to(tl.int32)
-    seg = t // seg_len
-    within = t - seg * seg_len
-    in_full = seg < full
-    bid = tl.where(in_full, tl.load(hrow + 2), tl.load(hrow + 3)).to(tl.int32)
+    u = t + phase
+    seg = u // seg_len
+    within = u - seg * seg_len
+    f0 = (phase > 0).to(tl.int32)  # index of the first whole segment
+    is_head = seg < f0
+    in_full = (seg >= f0) & (seg - f0 < full)
+    bid = tl.where(is_head, tl.load(hrow + 4), tl.where(in_full, tl.load(hrow + 2), tl.load(hrow + 3))).to(tl.int32)
     ok = t_ok & (within % r == off) & (bid >= 0)
-    row_b = tl.where(in_full, bb * full + seg, bb).to(tl.int64)
-    return ok, bid, row_b, hpos, (within // r).to(tl.int64)
+    row_b = tl.where(in_full, bb * full + seg - f0, bb).to(tl.int64)
+    skipped = tl.where(is_head, (phase - off + r - 1) // r, 0)  # the head block's rows before row 0
+    return ok, bid, row_b, hpos, (within // r - skipped).to(tl.int64)
 
 
 @triton.jit

@@ -27,18 +27,26 @@ def _kernel():
     return gather_kernel
 
 
-def _tables(blocks: Sequence, num_heads: int, m_len: int, segments: tuple, dilations: tuple) -> tuple:
-    """(pattern table [k, 3], head table [k, h, 4]) as nested lists: (W, r, full) and
-    (offset, head position, full-span block, tail block) with -1 where nothing covers."""
-    pat = [[w, r, m_len // w] for w, r in zip(segments, dilations)]
-    head = [[[-1, 0, -1, -1] for _ in range(num_heads)] for _ in segments]
+def _tables(blocks: Sequence, num_heads: int, m_len: int, segments: tuple, dilations: tuple,
+            phases: Optional[tuple], full: Optional[tuple], slots: Optional[tuple]) -> tuple:
+    """(pattern table [k, 4], head table [k, h, 5]) as nested lists: (W, r, phase, whole segments) and
+    (offset, head position, whole-segments block, tail block, head block) with -1 where nothing covers.
+    ``slots[i]``: block ``i``'s (pattern row, kind 0 whole / 1 tail / 2 head, offset or -1 for the block's
+    own); without slots, blocks start at segment boundaries of rows ``[0, m_len)`` (phase 0)."""
+    phases = phases or (0,) * len(segments)
+    full = full or tuple(m_len // w for w in segments)
+    pat = [[w, r, p, f] for w, r, p, f in zip(segments, dilations, phases, full)]
+    head = [[[-1, 0, -1, -1, -1] for _ in range(num_heads)] for _ in segments]
     for bid, block in enumerate(blocks):
-        i = block.pattern
-        is_full = block.span.start == 0 and block.span.segment == segments[i]
+        if slots is None:
+            i, off = block.pattern, -1
+            kind = 0 if block.span.start == 0 and block.span.segment == segments[i] else 1
+        else:
+            i, kind, off = slots[bid]
         for pos, j in enumerate(block.head_list(num_heads)):
             entry = head[i][j]
-            entry[0], entry[1] = block.head_offset(pos), pos
-            entry[2 if is_full else 3] = bid
+            entry[0], entry[1] = block.head_offset(pos) if off < 0 else off, pos
+            entry[2 + kind] = bid
     return pat, head
 
 
@@ -59,7 +67,7 @@ def _gather(target: torch.Tensor, lse_target: torch.Tensor, shift_target: Option
         packed = packed.pin_memory().to(target.device, non_blocking=True)
     src_tab, src_strides = packed[:nb], packed[nb : 4 * nb]
     lse_tab, lse_strides = packed[4 * nb : 5 * nb], packed[5 * nb : 8 * nb]
-    pat_t, head_t = packed[8 * nb : 8 * nb + 3 * num_patterns], packed[8 * nb + 3 * num_patterns :]
+    pat_t, head_t = packed[8 * nb : 8 * nb + 4 * num_patterns], packed[8 * nb + 4 * num_patterns :]
     block_d = max(16, 1 << (d - 1).bit_length())
     grid = ((m_len + block_t - 1) // block_t, h_t, b)
     stats = shift_target is not None
@@ -94,6 +102,9 @@ def gather_blocks(
     block_t: Optional[int] = None,
     num_warps: int = 4,
     stats_target: Optional[Sequence[torch.Tensor]] = None,
+    phases: Optional[tuple[int, ...]] = None,
+    full: Optional[tuple[int, ...]] = None,
+    slots: Optional[tuple[tuple[int, int, int], ...]] = None,
 ) -> None:
     """Write into ``target (b, m, h, D)`` (a strided view is fine, unit stride in D) and
     ``lse_target (b, m, h)`` (float32) the blocks' outputs merged by their log-sum-exps.
@@ -102,6 +113,10 @@ def gather_blocks(
     ``(B, H', L)``. ``block_t`` (rows per program) and ``num_warps`` are the launch's tile settings.
     ``stats_target``: two float32 tensors with ``lse_target``'s shape and strides that receive the
     merge's shift (the largest LSE, 0 where none is finite) and sum of weights, for the exact backward.
+    ``phases``/``full``/``slots`` place blocks whose rows do not start at a segment boundary (a shard of a
+    sequence): per pattern row, where row 0 lies in its segment and how many whole segments follow; per
+    block, its pattern row, kind and offset (see ``_tables``; pattern rows may repeat a pattern, for a
+    second partial result of the same rows).
     Eager calls run the op's Python body directly (the dispatcher's round trip into a Python op costs
     tens of microseconds of host time); traced code calls the op, which a compiled graph then holds.
     """
@@ -111,7 +126,7 @@ def gather_blocks(
         raise ValueError("stats_target must be two float32 tensors with lse_target's shape and strides, but got "
                          f"{[(tuple(t.shape), t.stride(), t.dtype) for t in stats_target]}")
     shift_t, total_t = (None, None) if stats_target is None else stats_target
-    pat, head = _tables(blocks, num_heads, target.shape[1], segments, dilations)
+    pat, head = _tables(blocks, num_heads, target.shape[1], segments, dilations, phases, full, slots)
     tables = [x for row in pat for x in row] + [x for rows in head for row in rows for x in row]
     if block_t is None:
         block_t = 32 if target.shape[-1] <= 128 else 16  # fewer rows for wide heads (registers)

@@ -20,14 +20,16 @@ import torch
 
 from ..attention import BaseDilatedAttention
 from ..backends import choose_backend
-from ..executor import Exchange, Group, Program, Task, execute
+from ..executor import Exchange, Gather, Group, Program, Task, execute
 from ..functional import AttentionArgs, attend, attention_args
 from ..kernels import BlockInputs, BlockKernel, choose_kernel
 from ..multihead import BaseMultiheadDilatedAttention
 from ..patterns import OffsetRule
-from ..views import HeadSelect, Rows, index_tensor, rows
+from ..planning import pieces
+from ..views import Rows, Whole
 from .comm import DEFAULT_TIMEOUT_S, Agreed, CommStats, agree_call, check_timeout, exchange, wait_transfers
 from .ring_plan import RingPlan, ring_plan
+from .ring_wire import pack, wire
 
 __all__ = ["RingDilatedAttention", "RingMultiheadDilatedAttention", "ring_dilated_attention"]
 
@@ -37,45 +39,10 @@ FORWARD_ROWS = "key/value rows (forward)"  # what a ring exchange's transfers ca
 BACKWARD_GRADS = "key/value gradients (backward)"
 
 
-def _pack_kv(k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor], transfers) -> torch.Tensor:
-    """One flat buffer of the rows ``transfers`` send: keys, values (and key masks as 0/1)."""
-    parts = []
-    for t in transfers:
-        idx = index_tensor(t.kv_heads, k.device)
-        parts.append(rows(k, t.src_rows)[:, 0].index_select(2, idx).reshape(-1))  # (b, rows, U, d)
-        parts.append(rows(v, t.src_rows)[:, 0].index_select(2, idx).reshape(-1))
-        if key_valid is not None:
-            parts.append(rows(key_valid, t.src_rows)[:, 0].reshape(-1).to(k.dtype))  # (b, rows)
-    return torch.cat(parts)
-
-
-def _unpack_kv(buf: torch.Tensor, transfers, b: int, d: int, with_mask: bool) -> list[tuple]:
-    out, pos = [], 0
-    for t in transfers:
-        size = b * t.rows * len(t.kv_heads) * d
-        k = buf[pos : pos + size].view(b, t.rows, len(t.kv_heads), d)
-        v = buf[pos + size : pos + 2 * size].view(b, t.rows, len(t.kv_heads), d)
-        pos += 2 * size
-        kv = None
-        if with_mask:
-            kv = buf[pos : pos + b * t.rows].view(b, t.rows) > 0.5
-            pos += b * t.rows
-        out.append((k, v, kv))
-    return out
-
-
-def _kv_buffer_size(transfers, b: int, d: int, with_mask: bool) -> int:
-    return sum(b * t.rows * (2 * len(t.kv_heads) * d + (1 if with_mask else 0)) for t in transfers)
-
-
-def _cat(parts: list) -> Optional[torch.Tensor]:
-    return None if parts[0] is None else (torch.cat(parts, 1) if len(parts) > 1 else parts[0])
-
-
 @dataclass(frozen=True, eq=False)
 class _RingExchange:
     """The executor's exchange for a ring call: the dilated key/value rows of segments that cross shard
-    boundaries, one received key space per remote call (its transfers' rows concatenated)."""
+    boundaries, laid out per remote call on arrival (:mod:`.ring_wire`)."""
 
     plan: RingPlan
     group: Any
@@ -89,70 +56,102 @@ class _RingExchange:
     def _wait(self, works: list, device: torch.device) -> None:
         wait_transfers(works, _WHAT, self.timeout_s, device)
 
-    def post(self, k, v, key_valid):
-        plan, b, d = self.plan, k.shape[0], k.shape[-1]
-        with_mask = key_valid is not None
-        sends = [(p, _pack_kv(k, v, key_valid, ts)) for p, ts in plan.sends]
-        recvs = [(p, k.new_empty(_kv_buffer_size(ts, b, d, with_mask))) for p, ts in plan.recvs]
-        works = self._transfer(sends, recvs, FORWARD_ROWS)
-        if self.stats is not None:
+    def _count(self, sends: list, recvs: list, forward: bool) -> None:
+        if self.stats is None:
+            return
+        sent = sum(buf.numel() * buf.element_size() for _, buf in sends)
+        received = sum(buf.numel() * buf.element_size() for _, buf in recvs)
+        if forward:
             self.stats.calls += 1
-            self.stats.forward_bytes_sent += sum(buf.numel() * buf.element_size() for _, buf in sends)
-            self.stats.forward_bytes_received += sum(buf.numel() * buf.element_size() for _, buf in recvs)
-            self.stats.messages_sent += len(sends)
-        return works, recvs, b, d, with_mask, k.device
+            self.stats.forward_bytes_sent += sent
+            self.stats.forward_bytes_received += received
+        else:
+            self.stats.backward_bytes_sent += sent
+            self.stats.backward_bytes_received += received
+        self.stats.messages_sent += len(sends)
+
+    def post(self, k, v, key_valid):
+        plan = self.plan
+        w = wire(plan, k.shape[0], k.shape[2], k.shape[-1], key_valid is not None, k.device)
+        sends = list(zip([p for p, _ in plan.sends], pack(plan, k, v, key_valid).split(w.send_sizes)))
+        recv = k.new_empty(sum(w.recv_sizes))
+        recvs = list(zip([p for p, _ in plan.recvs], recv.split(w.recv_sizes)))
+        works = self._transfer(sends, recvs, FORWARD_ROWS)
+        self._count(sends, recvs, True)
+        return works, recv, w, k.shape[0], k.device
 
     def wait(self, pending):
-        works, recvs, b, d, with_mask, device = pending
+        works, recv, w, b, device = pending
         self._wait(works, device)
-        received = [x for (_, buf), (_, ts) in zip(recvs, self.plan.recvs) for x in _unpack_kv(buf, ts, b, d, with_mask)]
-        return [tuple(_cat([received[i][part] for i in call.transfers]) for part in range(3))
-                for call in self.plan.remote_calls]
+        sizes = [b * h * n for h, n in w.call_shapes]
+        rows = recv.view(-1, w.head_dim)
+        ks = rows.index_select(0, w.call_k).split(sizes)
+        vs = rows.index_select(0, w.call_v).split(sizes)
+        ms = [None] * len(sizes) if w.call_mask is None else \
+            (recv.index_select(0, w.call_mask) > 0.5).split([b * n for _, n in w.call_shapes])
+        return [(kc.view(b, h, n, -1), vc.view(b, h, n, -1), None if mc is None else mc.view(b, n))
+                for kc, vc, mc, (h, n) in zip(ks, vs, ms, w.call_shapes)]
 
     def post_grads(self, grads, like):
-        plan, flat = self.plan, self.plan.recv_transfers
-        grads_of: list = [None] * len(flat)
-        for call, (gk, gv) in zip(plan.remote_calls, grads):
-            pos = 0
-            for i in call.transfers:
-                grads_of[i] = (gk[:, pos : pos + flat[i].rows], gv[:, pos : pos + flat[i].rows])
-                pos += flat[i].rows
-        sends, i = [], 0
-        for peer, ts in plan.recvs:  # gradients go back to the ranks the rows came from
-            parts = []
-            for _ in ts:
-                parts += [g.to(like.dtype).reshape(-1) for g in grads_of[i]]
-                i += 1
-            sends.append((peer, torch.cat(parts)))
-        b, d = like.shape[0], like.shape[-1]
-        recvs = [(p, like.new_empty(_kv_buffer_size(ts, b, d, False))) for p, ts in plan.sends]
+        plan, d = self.plan, like.shape[-1]
+        w = wire(plan, like.shape[0], like.shape[2], d, False, like.device)
+        acc = torch.zeros(w.grad_recv_rows, d, dtype=grads[0][0].dtype if grads else torch.float32,
+                          device=like.device)
+        if grads:  # every call's key and value gradients, summed into the rows they came in
+            acc.index_add_(0, torch.cat([w.grad_k, w.grad_v]),
+                           torch.cat([g.reshape(-1, d) for g, _ in grads] + [g.reshape(-1, d) for _, g in grads]))
+        sends = list(zip([p for p, _ in plan.recvs], acc.to(like.dtype).split(w.grad_recv_split)))
+        sends = [(p, buf.reshape(-1)) for p, buf in sends]
+        recv = like.new_empty(sum(w.grad_send_split), d)
+        recvs = [(p, buf.reshape(-1)) for p, buf in zip([p for p, _ in plan.sends], recv.split(w.grad_send_split))]
         works = self._transfer(sends, recvs, BACKWARD_GRADS)
-        if self.stats is not None:
-            self.stats.backward_bytes_sent += sum(buf.numel() * buf.element_size() for _, buf in sends)
-            self.stats.backward_bytes_received += sum(buf.numel() * buf.element_size() for _, buf in recvs)
-            self.stats.messages_sent += len(sends)
-        return works, recvs
+        self._count(sends, recvs, False)
+        return works, recv, w
 
     def finish_grads(self, pending, dk, dv):
-        works, recvs = pending
-        b, d = dk.shape[0], dk.shape[-1]
+        works, recv, w = pending
         self._wait(works, dk.device)
-        for (_, buf), (_, ts) in zip(recvs, self.plan.sends):
-            for t, (gk, gv, _) in zip(ts, _unpack_kv(buf, ts, b, d, False)):
-                idx = index_tensor(t.kv_heads, dk.device)
-                rows(dk, t.src_rows)[:, 0].index_add_(2, idx, gk.to(dk.dtype))
-                rows(dv, t.src_rows)[:, 0].index_add_(2, idx, gv.to(dv.dtype))
+        if not recv.numel():
+            return
+        for target, pos in ((dk, w.grad_send_kpos), (dv, w.grad_send_vpos)):
+            grads = recv.index_select(0, pos).to(target.dtype)
+            if target.is_contiguous():
+                target.view(-1, target.shape[-1]).index_add_(0, w.send_rows, grads)
+            else:
+                flat = torch.zeros(target.numel() // target.shape[-1], target.shape[-1], dtype=target.dtype,
+                                   device=target.device)
+                target.add_(flat.index_add_(0, w.send_rows, grads).view(target.shape))
 
 
 def ring_program(plan: RingPlan, exchange_: Exchange, kernel: BlockKernel, remote_kernel: BlockKernel,
-                 is_causal: bool, scale: float) -> Program:
-    """The executor program of one rank's margins: own blocks (square, the single-device kernel), then
-    each remote call: its query rows against the rows received through ``exchange_`` (queries and keys of
-    different lengths: ``remote_kernel``)."""
-    tasks = [Task(Rows(bl, bl.heads), Rows(bl, bl.kv_heads), kernel, is_causal) for bl in plan.own_blocks]
-    tasks += [Task(Rows(call.q_rows, call.q_rows.heads), HeadSelect(call.kv_select), remote_kernel, False, space=i + 1)
+                 is_causal: bool, scale: float, fused: bool = False, batch: int = 1) -> Program:
+    """The executor program of one rank's margins (or of the whole shard when the plan has no core): own
+    blocks (square, the single-device kernel), then each remote call: its query rows against the rows
+    received through ``exchange_`` (queries and keys of different lengths: ``remote_kernel``). ``fused``:
+    merged by the Triton gather kernel, gradients summed in the input dtype, own blocks' backward cut in
+    pieces as the engine does (needs a plan without core)."""
+    h = plan.num_heads
+    limit = max(1 << 17, batch * plan.n_local * h // 8) if fused else 1 << 62
+    tasks = []
+    for bl in plan.own_blocks:
+        parts = pieces(batch, bl.span.count, bl.span.rows, len(bl.head_list(h)), limit)
+        tasks.append(Task(Rows(bl, bl.heads), Rows(bl, bl.kv_heads), kernel, is_causal,
+                          pieces=tuple((Rows(bl, bl.heads, p), Rows(bl, bl.kv_heads, p)) for p in parts)))
+    tasks += [Task(Rows(call.q_rows, call.q_rows.heads), Whole(), remote_kernel, False, space=i + 1)
               for i, call in enumerate(plan.remote_calls)]
-    return Program((Group(tuple(tasks)),), scale, exchange=exchange_)
+    gather = None
+    if fused:
+        if plan.core[1] > plan.core[0]:
+            raise ValueError("a fused ring program needs a plan without core (ring_plan(..., with_core=False))")
+        k = len(plan.patterns)
+        lo, n = plan.rank * plan.n_local, plan.n_total
+        phases = tuple(lo % w for w, _ in plan.patterns)
+        full = tuple(max(0, (min(lo + plan.n_local, n // w * w) - -(-lo // w) * w) // w) for w, _ in plan.patterns)
+        rows = 2 if plan.remote_calls else 1  # a second row per pattern: the received rows' partial results
+        slots = plan.own_slots + tuple((c.slot[0] + k, c.slot[1], c.slot[2]) for c in plan.remote_calls)
+        gather = Gather(tuple(w for w, _ in plan.patterns) * rows, tuple(r for _, r in plan.patterns) * rows,
+                        phases * rows, full * rows, slots)
+    return Program((Group(tuple(tasks), gather=gather),), scale, grads_in_input_dtype=fused, exchange=exchange_)
 
 
 def _inputs(q: torch.Tensor, key_valid, needs_delta: bool) -> BlockInputs:
@@ -218,7 +217,7 @@ def ring_dilated_attention(
     # and the own blocks use its block kernel.
     choice = choose_backend(args.backend, query, key_padding_mask, 0.0, args.return_lse and torch.is_grad_enabled())
     plan = ring_plan(call.world, call.rank, n_local, h, key.shape[2], args.segment_lengths, args.dilation_rates,
-                     args.offsets, args.head_groups, args.is_causal)
+                     args.offsets, args.head_groups, args.is_causal, with_core=choice.backend != "fused")
     if plan.local_only:
         # Every segment lies inside one shard: the single-device path on the shard is exact (§3.1).
         if stats is not None:
@@ -236,11 +235,13 @@ def ring_shard(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_
                exchange_: Exchange) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One rank's work of a ring call whose segments cross shard boundaries: ``plan``'s program on the
     executor (received rows through ``exchange_``), and single-device attention on the core. -> (out,
-    lse (b, h, n_local) if ``args.return_lse`` else None). ``benchmarks/ring_rank_bench.py`` times it
-    with an in-process exchange."""
+    lse (b, h, n_local) if ``args.return_lse`` else None). On the fused path the plan has no core
+    (``with_core=False``): one program over the whole shard, merged by the Triton gather kernel.
+    ``benchmarks/ring_rank_bench.py`` times it with an in-process exchange."""
     key_valid = None if key_padding_mask is None else ~key_padding_mask
     remote_kernel = choose_kernel(_inputs(query, key_valid, False))  # queries and keys of different lengths
-    program = ring_program(plan, exchange_, choice.kernel, remote_kernel, args.is_causal, args.scale)
+    program = ring_program(plan, exchange_, choice.kernel, remote_kernel, args.is_causal, args.scale,
+                           fused=choice.backend == "fused", batch=query.shape[0])
     out, lse_bnh = execute(program, query, key, value, key_valid)  # (b, n_local, h, d), (b, n_local, h)
     lse = lse_bnh.transpose(1, 2)  # (b, h, n_local)
     c0, c1 = plan.core

@@ -54,9 +54,10 @@ class RemoteCall:
     q_rows: Block  # local query rows, heads and (unused) kv heads
     transfers: tuple[int, ...]  # indices into RingPlan.recvs' flattened transfer list
     kv_select: tuple[int, ...]  # per query head of the call: index into the transfer's kv_heads
+    slot: tuple[int, int, int]  # (pattern, kind, offset) of q_rows, as RingPlan.own_slots
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: plans are cached, one object per call's settings
 class RingPlan:
     world: int
     rank: int
@@ -68,6 +69,11 @@ class RingPlan:
     sends: tuple[tuple[int, tuple[Transfer, ...]], ...]  # (peer, transfers), peers ascending
     recvs: tuple[tuple[int, tuple[Transfer, ...]], ...]  # (peer, transfers), peers ascending
     remote_calls: tuple[RemoteCall, ...]
+    patterns: tuple[tuple[int, int], ...] = ()  # (W_i, r_i) per pattern index
+    own_slots: tuple[tuple[int, int, int], ...] = ()  # per own block: (pattern, kind, offset), kind 0: whole
+    # segments, 1: the segment cut at the shard's end (or the sequence's short last one), 2: the segment
+    # that began on an earlier rank (the fused merge's placement, :class:`~..executor.Gather`)
+    num_heads: int = 0
 
     @property
     def recv_transfers(self) -> tuple[Transfer, ...]:
@@ -87,9 +93,14 @@ class RingPlan:
 
 
 def _bytes(by_peer, batch: int, head_dim: int, itemsize: int, with_mask: bool) -> int:
-    per_row = 2 * head_dim * itemsize
-    return sum(batch * t.rows * (len(t.kv_heads) * per_row + (itemsize if with_mask else 0))
-               for _, ts in by_peer for t in ts)
+    """Keys and values of every transfer, and per message its key-mask entries padded to whole rows
+    (:mod:`.ring_wire`)."""
+    total = 0
+    for _, ts in by_peer:
+        total += 2 * batch * sum(t.rows * len(t.kv_heads) for t in ts) * head_dim * itemsize
+        if with_mask:
+            total += -(-batch * sum(t.rows for t in ts) // head_dim) * head_dim * itemsize
+    return total
 
 
 def _rows_of(start: int, stop: int, seg_start: int, offset: int, dilation: int) -> tuple[int, int]:
@@ -118,6 +129,7 @@ def _ring_plan(
     offsets: Union[str, tuple[tuple[int, ...], ...]],
     head_groups: bool,
     is_causal: bool,
+    with_core: bool = True,
 ) -> RingPlan:
     n = world * n_local
     qpk = num_heads // num_kv_heads
@@ -130,15 +142,18 @@ def _ring_plan(
     for pg in groups:
         period = period * pg.segment // math.gcd(period, pg.segment)
     core_a, core_b = -(-lo // period) * period, (hi // period) * period
-    if core_b <= core_a:
+    if core_b <= core_a or not with_core:
         core_a = core_b = lo
     own: list[Block] = []
+    own_slots: list[tuple[int, int, int]] = []
+    patterns: dict[int, tuple[int, int]] = {}
     transfers: list[Transfer] = []  # this rank's transfers (sent or received), in one canonical order
     spanning_mine: list[tuple[int, int, Block]] = []  # (group, segment, my query rows)
     # Some segment crosses a shard boundary iff some segment length does not divide n_local.
     local_only = world == 1 or all(n_local % pg.segment == 0 for pg in groups)
     for gi, pg in enumerate(groups):
         W, r, o = pg.segment, pg.dilation, pg.offset
+        patterns[pg.pattern] = (W, r)
         heads = as_index(pg.heads)
         kv_of_head = [j // qpk for j in pg.heads]
         kv_heads = tuple(sorted(set(kv_of_head)))
@@ -166,7 +181,8 @@ def _ring_plan(
                 transfers.append(Transfer(gi, s, src, dst, block, kv_heads, k_hi - k_lo))
             if mine is not None:
                 own.append(mine)
-                spanning_mine.append((gi, s, mine))
+                own_slots.append((pg.pattern, 2 if ss < lo else 1, o))
+                spanning_mine.append((gi, s, mine, own_slots[-1]))
         # Segments wholly inside this shard: full-length ones as one span, the short last one apart.
         first = -(-lo // W)  # first segment starting at or after lo
         full_end = min(hi, (n // W) * W)  # full segments end by here
@@ -180,11 +196,13 @@ def _ring_plan(
         for s0, s1 in runs:
             if s1 > s0 and rows_full:
                 own.append(Block(RowSpan(s0 * W - lo, s1 - s0, W, rows_full), o, r, heads, kv_index))
+                own_slots.append((pg.pattern, 0, o))
         tail_start = (n // W) * W
         if tail_start < n and lo <= tail_start and n <= hi:
             rows_tail = len(range(o, n - tail_start, r))
             if rows_tail:
                 own.append(Block(RowSpan(tail_start - lo, 1, n - tail_start, rows_tail), o, r, heads, kv_index))
+                own_slots.append((pg.pattern, 1, o))
 
     sends = _by_peer([t for t in transfers if t.src == rank], lambda t: t.dst)
     recvs = _by_peer([t for t in transfers if t.dst == rank], lambda t: t.src)
@@ -193,16 +211,17 @@ def _ring_plan(
     for i, t in enumerate(flat):
         received.setdefault((t.group, t.segment), []).append(i)
     calls = []
-    for gi, s, mine in spanning_mine:
+    for gi, s, mine, slot in spanning_mine:
         idx = tuple(received.get((gi, s), ()))
         if not idx:
             continue
         pg = groups[gi]
         kv_heads = flat[idx[0]].kv_heads
         kv_select = tuple(kv_heads.index(j // qpk) for j in pg.heads)
-        calls.append(RemoteCall(mine, idx, kv_select))
+        calls.append(RemoteCall(mine, idx, kv_select, slot))
     core = (core_a - lo, core_b - lo)
-    return RingPlan(world, rank, n_local, n, local_only, core, tuple(own), sends, recvs, tuple(calls))
+    return RingPlan(world, rank, n_local, n, local_only, core, tuple(own), sends, recvs, tuple(calls),
+                    tuple(patterns.get(i, (1, 1)) for i in range(max(patterns) + 1)), tuple(own_slots), num_heads)
 
 
 def _by_peer(transfers: list[Transfer], peer_of) -> tuple[tuple[int, tuple[Transfer, ...]], ...]:
@@ -223,10 +242,13 @@ def ring_plan(
     offsets: OffsetRule = "paper",
     head_groups: bool = False,
     is_causal: bool = False,
+    with_core: bool = True,
 ) -> RingPlan:
-    """The plan of rank ``rank`` (cached, bounded LRU). Arguments are assumed validated."""
+    """The plan of rank ``rank`` (cached, bounded LRU). Arguments are assumed validated. ``with_core=False``:
+    no core (:attr:`RingPlan.core` empty), the own blocks cover the whole shard, each pattern's whole
+    segments as one block (what the fused merge places)."""
     key = offsets if isinstance(offsets, str) else tuple(tuple(int(o) for o in row) for row in offsets)
     return _ring_plan(
         world, rank, n_local, num_heads, num_kv_heads, tuple(segment_lengths), tuple(dilation_rates), key,
-        bool(head_groups), bool(is_causal),
+        bool(head_groups), bool(is_causal), bool(with_core),
     )
