@@ -60,6 +60,9 @@ def test_batch_of_padded_prompts_equals_each_prompt_alone(positions):
     state = model.new_state(3)
     steps = [model(ids, state, sequence_starts=[n - m for m in LENGTHS])[:, -1]]
     steps += [model(out[:, t : t + 1], state)[:, -1] for t in range(n, n + NEW)]
+    for cache in state.layers:  # bounded by the patterns, below the history of n + NEW columns
+        assert cache.numel() <= 2 * 3 * cache.num_heads * cache.head_dim * cache.capacity_per_head
+        assert cache.numel() < 2 * 3 * (n + NEW) * cache.num_kv_heads * cache.head_dim
     for i, m in enumerate(LENGTHS):
         full = model(out[i : i + 1, n - m :])[0, m - 1 :]  # (NEW + 1, vocab)
         torch.testing.assert_close(torch.stack([s[i] for s in steps]), full, rtol=1e-10, atol=1e-10)

@@ -146,9 +146,10 @@ class LongNetLM(nn.Module):
 
         Prompts of different lengths: left-pad them to one width ``n`` (any token ids) and pass
         ``prompt_lengths (b,)``, ints in ``[1, n]``: row ``i``'s prompt is ``input_ids[i, n - prompt_lengths[i]:]``,
-        and its positions and segments count from its first token, so its continuation is what that prompt
-        gives alone (batch 1, no padding), to rounding; the padding is never read. ``None``: every row is
-        ``n`` tokens long.
+        and its positions and segments count from its first token, so every step's logits are what that
+        prompt gives alone (batch 1, no padding), to rounding (greedy: the same tokens); the padding is never
+        read, and it stays in the result (row ``i``'s text is ``out[i, n - prompt_lengths[i]:]``). ``None``:
+        every row is ``n`` tokens long.
 
         ``temperature=0`` is greedy (else a finite number > 0). Token ids and counts may be Python, NumPy
         or 0-d torch integers; every argument is checked before any work. A sequence stops at
