@@ -14,6 +14,14 @@ matches, concatenated: a key that ``C`` patterns select counts ``C`` times, whic
 log-sum-exp merge of the full pass, so step ``t``'s output equals row ``t`` of the full causal forward pass
 (to rounding). :func:`decode_attention` is the same step over a full key/value history (gathering the
 rows by absolute position), for callers that keep the whole history.
+
+Left-padded rows (``sequence_starts``, as in :func:`~dilated_attention_pytorch.dilated_attention`): row ``i``
+is the sequence that begins at column ``start_i``, so its position is ``column - start_i`` and its phases
+differ from other rows'. Rows advance in step, so rows with one start always hold the same fill: every
+buffer keeps a fill length and a segment per *start group*; a step writes each group's keys at its own
+length and masks each row's query to its own keys (one attention for the batch). Padding columns are
+never stored, so whatever they hold never reaches a result. With one start (no padding) this is one group:
+plain slices, no mask, nothing per row.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import _validation as V
 from ..lru import cached
 from ..patterns import OffsetRule, pattern_groups
 
@@ -95,21 +104,26 @@ def active_slots(slots: Sequence[_Slot], by_pattern, t: int):
 
 def attend_parts(scale: float, q: torch.Tensor, parts) -> torch.Tensor:
     """One query row per head, q ``(b, h, d)``, against the keys each active (pattern, offset) slot selects:
-    ``parts`` holds ``(slot, keys, values)``, keys/values ``(b, h_kv, L, d)``, at most one slot per pattern
-    (a row has one phase per pattern). One small attention over the concatenated keys, each head masked to
-    its own slots: a key selected by ``C`` patterns counts ``C`` times (a ``log C`` bonus), which is the
-    log-sum-exp merge of the full pass. -> ``(b, h, d)``; heads without keys give zeros."""
+    ``parts`` holds ``(slot, keys, values, rows)``, keys/values ``(b, h_kv, L, d)``, ``rows`` None (every
+    batch row sees all ``L`` keys) or a bool ``(b, L)`` of the keys each batch row sees; a row sees at most
+    one slot per pattern (it has one phase per pattern). One small attention over the concatenated keys,
+    each head masked to its own slots: a key selected by ``C`` patterns counts ``C`` times (a ``log C``
+    bonus), which is the log-sum-exp merge of the full pass. -> ``(b, h, d)``; heads without keys give zeros."""
     b, h, d = q.shape
     if not parts:
         return torch.zeros_like(q)
-    k = torch.cat([k for _, k, _ in parts], dim=2)
-    v = torch.cat([v for _, _, v in parts], dim=2)
+    k = torch.cat([k for _, k, _, _ in parts], dim=2)
+    v = torch.cat([v for _, _, v, _ in parts], dim=2)
     h_kv, length = k.shape[1], k.shape[2]
-    mask = torch.cat([slot.heads[:, None].expand(h, kk.shape[2]) for slot, kk, _ in parts], dim=1)
+    rows = b if any(seen is not None for *_, seen in parts) else 1
+    masks = []
+    for slot, kk, _, seen in parts:
+        m = slot.heads[None, :, None].expand(rows, h, kk.shape[2])
+        masks.append(m if seen is None else m & seen[:, None, :])
     # Each query head gets its own copy of its key/value head's rows with the columns it does not see
-    # zeroed: a masked score is q·k before the mask, so a NaN or inf key of another head's slot would
-    # otherwise reach this head's output.
-    mask = mask.view(1, h, 1, length)
+    # zeroed: a masked score is q·k before the mask, so a NaN or inf key of another head's slot (or a
+    # stale key of another row's fill) would otherwise reach this head's output.
+    mask = torch.cat(masks, dim=2).view(rows, h, 1, length)
     k, v = (torch.where(mask.transpose(2, 3), x.repeat_interleave(h // h_kv, dim=1), 0.0) for x in (k, v))
     # not cuDNN: it builds an execution plan for every new key length, i.e. at every decode step
     with sdpa_kernel(_DECODE_BACKENDS):
@@ -149,7 +163,7 @@ def decode_attention(
         parts = []
         for _, slot in active_slots(slots, by_pattern, t):
             rows = slice(t - t % slot.segment + slot.offset, t + 1, min(slot.dilation, n))  # segment's keys, phase
-            parts.append((slot, key[:, rows].transpose(1, 2), value[:, rows].transpose(1, 2)))  # (b, h_kv, L, d)
+            parts.append((slot, key[:, rows].transpose(1, 2), value[:, rows].transpose(1, 2), None))
         outs.append(attend_parts(scale, query[:, i], parts))
     return torch.stack(outs, dim=1).to(query.dtype)
 
@@ -162,6 +176,10 @@ class DilatedKVCache:
     (after rotary/XPOS). A buffer grows (doubling) with the keys of its current segment, up to its bound
     ``len(range(o, w_i, r_i))``, and then stays: the cache never holds more than the text decoded so far
     or one segment's keys, so a segment longer than any text (``w_i = 2**62``) costs only the text.
+
+    Left-padded prompts: ``fill(key, value, sequence_starts)`` makes row ``i`` the sequence that begins at
+    column ``start_i`` (:attr:`starts`); its positions and segments count from there, each buffer keeps a fill
+    length per group of rows with one start, and the padding is never stored.
     """
 
     def __init__(
@@ -185,20 +203,21 @@ class DilatedKVCache:
         self.batch_size, self.dtype = batch_size, dtype
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.scale = head_dim**-0.5 if scale is None else float(scale)
-        self.position = 0  # absolute position of the next token
+        self.position = 0  # column of the next token (its position in a row that starts at column 0)
+        self._set_starts((0,) * batch_size)
         self._slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads,
                                    self.device)
         self._by_pattern = slots_by_pattern(self._slots)
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
-        self._lengths: list[int] = []  # keys held per buffer, all of segment self._segments[idx]
-        self._segments: list[int] = []
+        self._lengths: list[list[int]] = []  # per buffer, per start group: keys held, all of segment _segments[idx][g]
+        self._segments: list[list[int]] = []
         for slot in self._slots:
             shape = (batch_size, len(slot.kv_heads), 0, head_dim)  # grown by _reserve as keys arrive
             self._keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self._values.append(torch.zeros(shape, dtype=dtype, device=self.device))
-            self._lengths.append(0)
-            self._segments.append(0)
+            self._lengths.append([0])
+            self._segments.append([0])
 
     # -- size -------------------------------------------------------------------------------------
     @property
@@ -215,9 +234,27 @@ class DilatedKVCache:
         return sum(k.numel() + v.numel() for k, v in zip(self._keys, self._values))
 
     def stored_keys(self) -> int:
-        """Keys currently held, summed over buffers and key/value heads (one sequence)."""
-        return sum(n * len(s.kv_heads) for n, s, seg in zip(self._lengths, self._slots, self._segments)
-                   if seg >= max(self.position - 1, 0) // s.segment)  # the last token's segment or later
+        """Keys currently held, summed over buffers and key/value heads: the most of any one sequence."""
+        held = []
+        for g, (start, _) in enumerate(self._groups):
+            last = max(self.position - 1 - start, 0)  # the last token's position in these rows
+            held.append(sum(lengths[g] * len(slot.kv_heads)
+                            for lengths, slot, segments in zip(self._lengths, self._slots, self._segments)
+                            if segments[g] >= last // slot.segment))  # the last token's segment or later
+        return max(held)
+
+    def _set_starts(self, starts: tuple[int, ...]) -> None:
+        """Per row the column of its first token; rows with one start form a group (``slice(None)`` when
+        there is one group, else a row index tensor), ``_row_group`` maps each row to its group."""
+        self.starts = starts
+        distinct = sorted(set(starts))
+        if len(distinct) == 1:
+            self._groups: list[tuple[int, Union[slice, torch.Tensor]]] = [(distinct[0], slice(None))]
+            self._row_group = None
+            return
+        self._groups = [(x, torch.tensor([i for i, y in enumerate(starts) if y == x], device=self.device))
+                        for x in distinct]
+        self._row_group = torch.tensor([distinct.index(y) for y in starts], device=self.device)
 
     # -- writing ----------------------------------------------------------------------------------
     def _reserve(self, idx: int, length: int) -> None:
@@ -240,26 +277,32 @@ class DilatedKVCache:
                 f"but got {tuple(x.shape)}"
             )
 
-    def fill(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Take the keys/values ``(b, n, h_kv, d)`` of positions ``0..n-1`` (a prompt's full pass)."""
+    def fill(self, key: torch.Tensor, value: torch.Tensor, sequence_starts=None) -> None:
+        """Take the keys/values ``(b, n, h_kv, d)`` of a prompt's full causal pass: columns ``0..n-1``, or with
+        ``sequence_starts`` (ints ``< n``, one per row) row ``i``'s columns ``start_i..n-1`` (left padding)."""
         if self.position != 0:
             raise ValueError(f"fill() needs an empty cache, but the cache is at position {self.position}")
         self._check("key", key, self.num_kv_heads)
         self._check("value", value, self.num_kv_heads)
         n = key.shape[1]
+        if sequence_starts is not None:
+            self._set_starts(check_decode_starts(sequence_starts, self.batch_size, n))
         for idx, slot in enumerate(self._slots):
-            # current segment of the *next* position n; bounds clamped to n (segments may exceed int64)
-            start = min(n, n - n % slot.segment + slot.offset)
             step = min(slot.dilation, n)
-            rows_k = key[:, start:n:step].transpose(1, 2)  # (b, h_kv, m, d)
-            rows_v = value[:, start:n:step].transpose(1, 2)
-            if slot.kv_index is not None:
-                rows_k, rows_v = rows_k.index_select(1, slot.kv_index), rows_v.index_select(1, slot.kv_index)
-            m = rows_k.shape[2]
-            self._reserve(idx, m)
-            self._keys[idx][:, :, :m] = rows_k
-            self._values[idx][:, :, :m] = rows_v
-            self._lengths[idx], self._segments[idx] = m, n // slot.segment
+            self._lengths[idx], self._segments[idx] = [], []
+            for start, rows in self._groups:
+                m = n - start  # the group's tokens; its current segment is that of its next position m
+                lo = start + min(m, m - m % slot.segment + slot.offset)  # clamped: segments may exceed int64
+                rows_k = key[rows, lo:n:step].transpose(1, 2)  # (rows, h_kv, L, d)
+                rows_v = value[rows, lo:n:step].transpose(1, 2)
+                if slot.kv_index is not None:
+                    rows_k, rows_v = rows_k.index_select(1, slot.kv_index), rows_v.index_select(1, slot.kv_index)
+                length = rows_k.shape[2]
+                self._reserve(idx, length)
+                self._keys[idx][rows, :, :length] = rows_k
+                self._values[idx][rows, :, :length] = rows_v
+                self._lengths[idx].append(length)
+                self._segments[idx].append(m // slot.segment)
         self.position = n
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -273,24 +316,45 @@ class DilatedKVCache:
         return torch.stack(outs, dim=1)
 
     def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One token at ``self.position``: q ``(b, h, d)``, k/v ``(b, h_kv, d)`` -> ``(b, h, d)``."""
-        t = self.position
+        """One token per row at column ``self.position``: q ``(b, h, d)``, k/v ``(b, h_kv, d)`` -> ``(b, h, d)``."""
         out_dtype = q.dtype  # e.g. bfloat16 under autocast; the cache computes in its own dtype
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
         parts = []
-        for idx, slot in active_slots(self._slots, self._by_pattern, t):
-            if self._segments[idx] != t // slot.segment:  # a new segment: nothing before it is visible any more
-                self._segments[idx], self._lengths[idx] = t // slot.segment, 0
-            m = self._lengths[idx]
-            self._reserve(idx, m + 1)
-            every = slot.kv_index is None
-            self._keys[idx][:, :, m] = k if every else k.index_select(1, slot.kv_index)
-            self._values[idx][:, :, m] = v if every else v.index_select(1, slot.kv_index)
-            self._lengths[idx] = m + 1
-            parts.append((slot, self._full(slot, self._keys[idx][:, :, : m + 1]),
-                          self._full(slot, self._values[idx][:, :, : m + 1])))
-        self.position = t + 1
+        for segment, dilation, by_offset in self._by_pattern:
+            active: dict[int, list[int]] = {}  # slot index -> the start groups whose phase selects it
+            for g, (start, _) in enumerate(self._groups):
+                idx = by_offset.get((self.position - start) % segment % dilation)
+                if idx is not None:
+                    active.setdefault(idx, []).append(g)
+            parts += [self._append(idx, groups, k, v) for idx, groups in active.items()]
+        self.position += 1
         return attend_parts(self.scale, q, parts).to(out_dtype)
+
+    def _append(self, idx: int, groups: list[int], k: torch.Tensor, v: torch.Tensor):
+        """Write the rows of ``groups`` of key/value ``(b, h_kv, d)`` into buffer ``idx``, each group at its own
+        fill length (a group whose segment changed starts over) -> the buffer's ``attend_parts`` entry."""
+        slot, lengths, segments = self._slots[idx], self._lengths[idx], self._segments[idx]
+        if slot.kv_index is not None:
+            k, v = k.index_select(1, slot.kv_index), v.index_select(1, slot.kv_index)
+        for g in groups:
+            t = self.position - self._groups[g][0]  # the token's position in these rows
+            if segments[g] != t // slot.segment:  # a new segment: nothing before it is visible any more
+                segments[g], lengths[g] = t // slot.segment, 0
+        size = max(lengths[g] for g in groups) + 1
+        self._reserve(idx, size)
+        for g in groups:
+            rows = self._groups[g][1]
+            self._keys[idx][rows, :, lengths[g]], self._values[idx][rows, :, lengths[g]] = k[rows], v[rows]
+            lengths[g] += 1
+        seen = None
+        if self._row_group is not None:  # per row its group's keys; rows of another phase see none of these
+            held = [0] * len(self._groups)
+            for g in groups:
+                held[g] = lengths[g]
+            held_rows = torch.tensor(held, device=self.device)[self._row_group]  # (b,)
+            seen = torch.arange(size, device=self.device) < held_rows[:, None]  # (b, L)
+        keys, values = self._keys[idx][:, :, :size], self._values[idx][:, :, :size]
+        return slot, self._full(slot, keys), self._full(slot, values), seen
 
     def _full(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
         """A buffer ``(b, len(slot.kv_heads), L, d)`` over all key/value heads; a head the slot does not keep
@@ -302,6 +366,25 @@ class DilatedKVCache:
         self._keys = [k.index_select(0, index) for k in self._keys]
         self._values = [v.index_select(0, index) for v in self._values]
         self.batch_size = int(index.numel())
+        if self._row_group is None:  # one start: nothing per row to move (and no read of index on the host)
+            self.starts = self.starts[:1] * self.batch_size
+            return
+        old = [start for start, _ in self._groups]  # every row of a group holds the same fill
+        self._set_starts(tuple(self.starts[i] for i in index.tolist()))
+        keep = [old.index(start) for start, _ in self._groups]
+        self._lengths = [[lengths[g] for g in keep] for lengths in self._lengths]
+        self._segments = [[segments[g] for g in keep] for segments in self._segments]
+
+
+def check_decode_starts(starts, batch_size: int, n: int) -> tuple[int, ...]:
+    """``sequence_starts`` of a prompt that decoding continues: one int per row in ``[0, n)`` (each row
+    needs a token of its own to continue from)."""
+    values = V.check_sequence_starts(starts, batch_size, n)
+    for i, s in enumerate(values):
+        if s >= n:
+            raise ValueError(f"sequence_starts[{i}] must be < seq={n} before decoding (a row needs at least one "
+                             f"token of its own), but got {s}")
+    return values
 
 
 class DecodingState:

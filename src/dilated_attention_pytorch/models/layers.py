@@ -20,7 +20,7 @@ from torch import nn
 from .. import _validation as V
 from ..factory import create_dilated_attention, explain_auto
 from ..multihead import BaseMultiheadDilatedAttention
-from .decoding import DilatedKVCache
+from .decoding import DilatedKVCache, check_decode_starts
 from .positions import RotaryEmbedding, document_positions
 
 __all__ = ["CrossAttention", "DilatedSelfAttention", "FeedForward", "LongNetBlock", "magneto_gamma"]
@@ -83,10 +83,16 @@ class DilatedSelfAttention(BaseMultiheadDilatedAttention):
         key_padding_mask: Optional[torch.Tensor] = None,
         cache: Optional[DilatedKVCache] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
+        sequence_starts=None,
     ) -> torch.Tensor:
         """x ``(b, n, embed_dim)`` -> ``(b, n, embed_dim)``. With ``cache``: causal, continues at ``cache.position``.
-        ``cu_seqlens``: packed documents over the ``b * n`` flattened tokens (positions restart per document)."""
+        ``cu_seqlens``: packed documents over the ``b * n`` flattened tokens (positions restart per document).
+        ``sequence_starts`` (left padding, see :func:`~dilated_attention_pytorch.dilated_attention`): row ``i``
+        is the sequence from column ``start_i`` (positions and segments count from it; the padding before it
+        is never read); with a cache only for the prompt (the cache keeps the starts for later tokens)."""
         if cu_seqlens is not None:
+            if sequence_starts is not None:
+                raise ValueError("pass cu_seqlens (packed documents) or sequence_starts (left padding), not both")
             return self._packed(x, is_causal, key_padding_mask, cache, cu_seqlens)
         self._check_inputs(("x", x))
         b, n, _ = x.shape
@@ -95,22 +101,48 @@ class DilatedSelfAttention(BaseMultiheadDilatedAttention):
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # (b, n, h_kv, d)
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         start = 0 if cache is None else cache.position
+        starts = self._starts(sequence_starts, cache, b, n)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, start)
+            q, k = self._rotate(q, k, start, starts)
+        varlen = {} if sequence_starts is None else {"sequence_starts": starts}
         if cache is None:
-            out = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)  # (b, n, h, d)
+            out = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **varlen)
         else:
             if not is_causal or key_padding_mask is not None:
                 raise ValueError("a decoding cache needs is_causal=True and key_padding_mask=None")
             if cache.position == 0 and n > 1:  # a prompt: one full causal pass, then keep what later steps see
-                out = self.attention(q, k, v, is_causal=True)
-                cache.fill(k, v)
+                out = self.attention(q, k, v, is_causal=True, **varlen)  # (b, n, h, d)
+                cache.fill(k, v, starts)
             else:
                 out = cache.attend(q, k, v)
         out = out.flatten(2)  # (b, n, embed_dim)
         if self.norm is not None:
             out = self.norm(out)
         return self.out_proj(out)
+
+    @staticmethod
+    def _starts(sequence_starts, cache: Optional[DilatedKVCache], b: int, n: int) -> Optional[tuple[int, ...]]:
+        """The first column of every row's sequence (checked), or None when every row starts at column 0."""
+        if sequence_starts is None:
+            return None if cache is None or not any(cache.starts) else cache.starts
+        if cache is None:
+            return V.check_sequence_starts(sequence_starts, b, n)
+        if cache.position != 0:
+            raise ValueError(f"sequence_starts belongs to the prompt: this cache is at position {cache.position} and "
+                             f"keeps the starts it was filled with ({cache.starts})")
+        return check_decode_starts(sequence_starts, b, n)
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, start: int, starts: Optional[tuple[int, ...]]):
+        """Rotary/XPOS at column ``start..start+n-1``; a row with a sequence start counts from it, and its
+        padding columns (before the start) are left as they are (they are never read)."""
+        if starts is None:
+            return self.rotary(q, k, start)
+        q, k = q.clone(), k.clone()
+        for s in sorted(set(starts)):
+            rows = [i for i, x in enumerate(starts) if x == s]
+            first = max(s - start, 0)  # first column of this chunk inside the rows' sequences
+            q[rows, first:], k[rows, first:] = self.rotary(q[rows, first:], k[rows, first:], start + first - s)
+        return q, k
 
     def _packed(self, x, is_causal, key_padding_mask, cache, cu_seqlens) -> torch.Tensor:
         if cache is not None or key_padding_mask is not None:
@@ -253,9 +285,12 @@ class LongNetBlock(nn.Module):
         memory_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         memory_padding_mask: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
+        sequence_starts=None,
     ) -> torch.Tensor:
+        varlen = {name: v for name, v in (("cu_seqlens", cu_seqlens), ("sequence_starts", sequence_starts))
+                  if v is not None}
         h = self.self_attn(self.self_attn_norm(x), is_causal=is_causal, key_padding_mask=key_padding_mask, cache=cache,
-                           **({} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}))
+                           **varlen)
         x = x + self.dropout(h)
         if self.cross_attn is not None:
             if memory_kv is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -13,7 +14,7 @@ from .decoding import DecodingState
 from .layers import LongNetBlock, magneto_gamma
 from .sampling import check_generate_args, decode_loop
 
-__all__ = ["LongNetLM", "LongNetLMConfig", "check_token_ids"]
+__all__ = ["LongNetLM", "LongNetLMConfig", "check_prompt_lengths", "check_token_ids"]
 
 
 def check_token_ids(name: str, ids, vocab_size: int) -> torch.Tensor:
@@ -38,6 +39,29 @@ def check_token_ids(name: str, ids, vocab_size: int) -> torch.Tensor:
                 f"{name} must lie in [0, vocab_size={vocab_size}), but got values in [{low}, {high}]"
             )
     return ids.long()
+
+
+def check_prompt_lengths(lengths, batch_size: int, n: int) -> tuple[int, ...]:
+    """Real tokens per prompt of a left-padded ``(batch, n)`` batch: one int in ``[1, n]`` per row (a sequence
+    of ints or an integer tensor ``(batch,)``, read on the host)."""
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"prompt_lengths must hold integers, but got a tensor of dtype {lengths.dtype}")
+        if tuple(lengths.shape) != (batch_size,):
+            raise ValueError(f"prompt_lengths must have shape (batch,) = ({batch_size},), one length per prompt, "
+                             f"but got shape {tuple(lengths.shape)}")
+        lengths = lengths.tolist()
+    elif isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence):
+        raise TypeError(f"prompt_lengths must be a sequence of ints or an integer tensor, but got {lengths!r}")
+    if len(lengths) != batch_size:
+        raise ValueError(f"prompt_lengths must have one length per prompt (batch={batch_size}), but got "
+                         f"{len(lengths)}: {list(lengths)!r}")
+    values = tuple(V.check_int(f"prompt_lengths[{i}]", x, minimum=1) for i, x in enumerate(lengths))
+    for i, x in enumerate(values):
+        if x > n:
+            raise ValueError(f"prompt_lengths[{i}] must be in [1, seq={n}] (the prompt's tokens, right-aligned in "
+                             f"input_ids), but got {x}")
+    return values
 
 
 class LongNetLM(nn.Module):
@@ -86,17 +110,21 @@ class LongNetLM(nn.Module):
         ])
 
     def forward(self, input_ids: torch.Tensor, state: Optional[DecodingState] = None, *,
-                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cu_seqlens: Optional[torch.Tensor] = None, sequence_starts=None) -> torch.Tensor:
         """input_ids ``(b, n)`` -> logits ``(b, n, vocab)`` (float32 or the model dtype). ``cu_seqlens``:
         packed documents over the ``b * n`` flattened tokens (see :func:`dilated_attention`), each
-        document its own sequence (attention and positions); no ``state`` with it."""
+        document its own sequence (attention and positions); no ``state`` with it. ``sequence_starts``
+        ``(b,)``: left padding, row ``i`` is the sequence from column ``start_i`` (positions and segments
+        count from it; the logits of its padding columns mean nothing); with a ``state`` only on the prompt,
+        and the state keeps the starts for the tokens that follow."""
         input_ids = check_token_ids("input_ids", input_ids, self.config.vocab_size)
         if cu_seqlens is not None and state is not None:
             raise ValueError("packed documents (cu_seqlens) take no decoding state")
         x = self.dropout(self.embed(input_ids))  # (b, n, e)
-        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        varlen = {name: v for name, v in (("cu_seqlens", cu_seqlens), ("sequence_starts", sequence_starts))
+                  if v is not None}
         for i, layer in enumerate(self.layers):
-            x = layer(x, is_causal=True, cache=None if state is None else state.layers[i], **packed)
+            x = layer(x, is_causal=True, cache=None if state is None else state.layers[i], **varlen)
         x = self.norm(x)
         return self.head(x) if self.head is not None else x @ self.embed.weight.t()  # (b, n, vocab)
 
@@ -112,8 +140,16 @@ class LongNetLM(nn.Module):
         stop_token: Optional[int] = None,
         pad_token: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        prompt_lengths=None,
     ) -> torch.Tensor:
-        """Continue every prompt of ``input_ids (b, n)`` (one length, batched) with the decoding cache.
+        """Continue every prompt of ``input_ids (b, n)`` (batched) with the decoding cache.
+
+        Prompts of different lengths: left-pad them to one width ``n`` (any token ids) and pass
+        ``prompt_lengths (b,)``, ints in ``[1, n]``: row ``i``'s prompt is ``input_ids[i, n - prompt_lengths[i]:]``,
+        and its positions and segments count from its first token, so every step's logits are what that
+        prompt gives alone (batch 1, no padding), to rounding (greedy: the same tokens); the padding is never
+        read, and it stays in the result (row ``i``'s text is ``out[i, n - prompt_lengths[i]:]``). ``None``:
+        every row is ``n`` tokens long.
 
         ``temperature=0`` is greedy (else a finite number > 0). Token ids and counts may be Python, NumPy
         or 0-d torch integers; every argument is checked before any work. A sequence stops at
@@ -124,13 +160,17 @@ class LongNetLM(nn.Module):
         ids = check_token_ids("input_ids", input_ids, self.config.vocab_size)
         a = check_generate_args(self.config.vocab_size, max_new_tokens, temperature, top_k, top_p, stop_token,
                                 pad_token)
+        starts = None
+        if prompt_lengths is not None:
+            n = ids.shape[1]
+            starts = tuple(n - x for x in check_prompt_lengths(prompt_lengths, ids.shape[0], n))
         if a.max_new_tokens == 0:
             return ids
         was_training = self.training
         self.eval()
         try:
             state = self.new_state(ids.shape[0])
-            logits = self(ids, state)[:, -1]
+            logits = self(ids, state, sequence_starts=starts)[:, -1]
             return decode_loop(
                 lambda tok: self(tok, state)[:, -1], logits, ids, a.max_new_tokens, temperature=a.temperature,
                 top_k=a.top_k, top_p=a.top_p, stop_token=a.stop_token, pad_token=a.pad_token, generator=generator,

@@ -40,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cli.parser("generate", __doc__)
     p.add_argument("checkpoint", nargs="?", default="runs/longnet-lm",
                    help="checkpoint.pt or the folder holding it (train's output folder)")
-    p.add_argument("--prompt", default="def ", help="text to continue (utf-8 bytes)")
-    p.add_argument("--num-samples", type=_cli.positive_int, default=1, help="samples decoded together as one batch")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (utf-8 bytes); repeat it for several prompts, of any lengths, decoded "
+                   "together in one batch (each as if alone); None = 'def '")
+    p.add_argument("--num-samples", type=_cli.positive_int, default=1,
+                   help="samples per prompt, all decoded together as one batch")
     p.add_argument("--max-new-bytes", type=int, default=300, help="bytes to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=_cli.positive_int, default=40, help="sample among the k likeliest bytes")
@@ -59,8 +62,8 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> list[str]:
-    prompt = args.prompt.encode("utf-8")
-    if not prompt:
+    prompts = [text.encode("utf-8") for text in (args.prompt or ["def "])]
+    if not all(prompts):
         raise UsageError("--prompt must not be empty")
     _cli.check(check_sampling, args.temperature, args.top_k, args.top_p)
     if args.max_new_bytes < 0:
@@ -76,15 +79,19 @@ def _generate(args: argparse.Namespace) -> list[str]:
         stop = stop_bytes[0]
     device = _cli.resolve_device(args.device)
     model = load_model(args.checkpoint, device)
-    ids = torch.tensor([list(prompt)] * args.num_samples, dtype=torch.long, device=device)
+    prompts = [p for p in prompts for _ in range(args.num_samples)]
+    width = max(len(p) for p in prompts)  # left-padded to one width; the padding is never read
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(ids, args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, stop_token=stop, generator=gen)
+                         top_p=args.top_p, stop_token=stop, generator=gen,
+                         prompt_lengths=[len(p) for p in prompts])
     texts = []
-    for row in out.tolist():
-        if stop is not None and stop in row[len(prompt):]:
-            row = row[: len(prompt) + row[len(prompt):].index(stop) + 1]
-        texts.append(bytes(row).decode("utf-8", errors="replace"))
+    for prompt, row in zip(prompts, out.tolist()):
+        new = row[width:]
+        if stop is not None and stop in new:
+            new = new[: new.index(stop) + 1]
+        texts.append((prompt + bytes(new)).decode("utf-8", errors="replace"))
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{text}")
     return texts
