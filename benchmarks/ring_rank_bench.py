@@ -105,7 +105,7 @@ class Setting:
         """Rank ``rank``'s plan as the ring makes it: without core on a GPU (the fused path, one program over
         the shard), with core elsewhere."""
         return ring_plan(self.world, rank, self.n_local, self.heads, self.kv_heads, self.segs, self.dils, "paper",
-                         False, self.causal, with_core=self.device.type != "cuda")
+                         False, self.causal, with_core=self.device.type != "cuda", diagonal_blocks=True)
 
 
 def setting(regime: str, world: int, n_local: int, causal: bool, a) -> Setting:

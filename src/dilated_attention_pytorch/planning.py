@@ -95,8 +95,8 @@ def plan_blocks(
         mine = [pg for pg in groups if pg.pattern == i]
         diagonal = _diagonal_spans(n, num_heads, group, seg, r, mine) if diagonal_blocks else []
         for span in diagonal:
-            for m in range(num_heads // r):
-                heads = slice(r * m, r * m + r)  # heads o + r*m, in the order of their offsets o
+            for m in range(max(1, num_heads // r)):
+                heads = slice(r * m, r * m + min(r, num_heads))  # heads o + r*m, in the order of their offsets o
                 blocks.append(Block(span, -1, r, heads, heads, i, m))
         done = {span.start for span in diagonal}
         for pg in mine:
@@ -109,9 +109,10 @@ def plan_blocks(
 
 def _diagonal_spans(n: int, num_heads: int, group: int, seg: int, r: int, mine) -> list[RowSpan]:
     """Spans of pattern ``(seg, r)`` that run as diagonal blocks: the heads' offsets are ``j mod r``
-    for all heads, ``r`` divides ``h`` and the span's segment, keys are not shared (no GQA), and
-    diagonal blocks are fewer than per-offset blocks (``h / r < r``)."""
-    if r == 1 or group != 1 or num_heads % r or num_heads // r >= r:
+    for all heads, ``r`` divides the span's segment, keys are not shared (no GQA), and diagonal blocks
+    are fewer than per-offset blocks: ``r`` divides ``h`` and ``h / r < r``, or ``h < r`` (one block of
+    all heads, head ``j`` at offset ``j``)."""
+    if r == 1 or group != 1 or num_heads == 1 or (num_heads >= r and (num_heads % r or num_heads // r >= r)):
         return []
     if sorted(j for pg in mine for j in pg.heads) != list(range(num_heads)):
         return []

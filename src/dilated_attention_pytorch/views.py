@@ -94,10 +94,13 @@ def _view(x: torch.Tensor, block: Block, heads: HeadIndex) -> torch.Tensor:
     """(b, count, rows, H', ...) view or copy of the block's rows and heads of ``x (b, n, h, ...)``."""
     if block.diag_m is None:
         return _heads(rows(x, block), heads)
-    span, r = block.span, block.dilation
+    span, r, h = block.span, block.dilation, x.shape[2]
     seg = x.narrow(1, span.start, span.count * span.segment).unflatten(1, (span.count, span.rows, r))
-    seg = seg.unflatten(4, (x.shape[2] // r, r)).select(4, block.diag_m)  # (b, count, rows, r_o, r_h, ...)
-    return seg.diagonal(dim1=3, dim2=4).movedim(-1, 3)  # (b, count, rows, r, ...): head o has offset o
+    if h < r:  # every head j has offset j: offsets 0..h-1 against all h heads
+        seg = seg.narrow(3, 0, h)  # (b, count, rows, h_o, h, ...)
+    else:
+        seg = seg.unflatten(4, (h // r, r)).select(4, block.diag_m)  # (b, count, rows, r_o, r_h, ...)
+    return seg.diagonal(dim1=3, dim2=4).movedim(-1, 3)  # (b, count, rows, heads, ...): head o has offset o
 
 
 def to_kernel(x5: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,25 @@ def test_diagonal_blocks_match_reference(n, is_causal):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("h, n", [(3, 96), (5, 70), (2, 64)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_one_diagonal_block_when_fewer_heads_than_dilation(h, n, is_causal):
+    """With h < r, head j has offset j ('paper'): one diagonal block of all h heads replaces h calls;
+    rows of offsets >= h are covered by no head of that pattern."""
+    ws, rs = (8, 32, 64), (1, 8, 16)
+    blocks = plan_blocks(n, h, h, tuple(min(w, n) for w in ws), rs, "paper", False, diagonal_blocks=True)
+    diagonal = [b for b in blocks if b.diag_m is not None]
+    assert diagonal and all(b.heads == slice(0, h) for b in diagonal)
+    q, k, v = rand_qkv(2, n, h, h, 8)
+    out, lse = dilated_attention(q, k, v, ws, rs, is_causal=is_causal, return_lse=True)
+    ref, ref_lse = reference_dilated_attention(q, k, v, ws, rs, is_causal=is_causal)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=0)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
 MERGE_CASES = [
     # (n, h, h_kv, ws, rs, offsets, head_groups)
     (64, 8, 8, (16, 32, 8), (4, 8, 2), "paper", False),  # diagonal blocks

@@ -38,7 +38,8 @@ def _fused_shard(c, rank, world, group, q, k, v, mask):
                           return_lse=True, backend="portable", backends=_BACKENDS)
     choice = dataclasses.replace(choose_backend("portable", q, mask, 0.0, c["lse"]), backend="fused")
     plan = ring_plan(world, rank, c["n_local"], c["h"], c["h_kv"], args.segment_lengths, args.dilation_rates,
-                     args.offsets, args.head_groups, args.is_causal, with_core=False)
+                     args.offsets, args.head_groups, args.is_causal, with_core=False,
+                     diagonal_blocks=mask is None)
     assert plan.core[0] == plan.core[1]
     if plan.local_only:
         return None

@@ -217,7 +217,8 @@ def ring_dilated_attention(
     # and the own blocks use its block kernel.
     choice = choose_backend(args.backend, query, key_padding_mask, 0.0, args.return_lse and torch.is_grad_enabled())
     plan = ring_plan(call.world, call.rank, n_local, h, key.shape[2], args.segment_lengths, args.dilation_rates,
-                     args.offsets, args.head_groups, args.is_causal, with_core=choice.backend != "fused")
+                     args.offsets, args.head_groups, args.is_causal, with_core=choice.backend != "fused",
+                     diagonal_blocks=key_padding_mask is None)
     if plan.local_only:
         # Every segment lies inside one shard: the single-device path on the shard is exact (§3.1).
         if stats is not None:

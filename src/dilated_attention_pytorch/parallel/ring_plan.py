@@ -29,7 +29,7 @@ from functools import lru_cache
 from typing import Sequence, Union
 
 from ..patterns import OffsetRule, RowSpan, pattern_groups
-from ..planning import Block, as_index
+from ..planning import Block, as_index, plan_blocks
 
 __all__ = ["RemoteCall", "RingPlan", "Transfer", "ring_plan"]
 
@@ -130,6 +130,7 @@ def _ring_plan(
     head_groups: bool,
     is_causal: bool,
     with_core: bool = True,
+    diagonal_blocks: bool = False,
 ) -> RingPlan:
     n = world * n_local
     qpk = num_heads // num_kv_heads
@@ -146,14 +147,26 @@ def _ring_plan(
         core_a = core_b = lo
     own: list[Block] = []
     own_slots: list[tuple[int, int, int]] = []
-    patterns: dict[int, tuple[int, int]] = {}
+    patterns: dict[int, tuple[int, int]] = {pg.pattern: (pg.segment, pg.dilation) for pg in groups}
+    # Without a core, a pattern whose segments tile every shard runs as on one device on the shard (its
+    # blocks from plan_blocks: diagonal blocks where they are fewer calls); the loop below does the rest.
+    tiling = set() if with_core else {i for i, (w, _) in patterns.items() if n_local % w == 0}
+    if tiling:
+        shard_segments = tuple(min(patterns.get(i, (n_local, 1))[0], n_local) for i in range(max(patterns) + 1))
+        for bl in plan_blocks(n_local, num_heads, num_kv_heads, shard_segments,
+                              tuple(patterns.get(i, (1, 1))[1] for i in range(max(patterns) + 1)), offsets,
+                              head_groups, diagonal_blocks):
+            if bl.pattern in tiling:
+                own.append(bl)
+                own_slots.append((bl.pattern, 0, -1))
     transfers: list[Transfer] = []  # this rank's transfers (sent or received), in one canonical order
     spanning_mine: list[tuple[int, int, Block]] = []  # (group, segment, my query rows)
     # Some segment crosses a shard boundary iff some segment length does not divide n_local.
     local_only = world == 1 or all(n_local % pg.segment == 0 for pg in groups)
     for gi, pg in enumerate(groups):
         W, r, o = pg.segment, pg.dilation, pg.offset
-        patterns[pg.pattern] = (W, r)
+        if pg.pattern in tiling:
+            continue
         heads = as_index(pg.heads)
         kv_of_head = [j // qpk for j in pg.heads]
         kv_heads = tuple(sorted(set(kv_of_head)))
@@ -243,12 +256,14 @@ def ring_plan(
     head_groups: bool = False,
     is_causal: bool = False,
     with_core: bool = True,
+    diagonal_blocks: bool = False,
 ) -> RingPlan:
     """The plan of rank ``rank`` (cached, bounded LRU). Arguments are assumed validated. ``with_core=False``:
     no core (:attr:`RingPlan.core` empty), the own blocks cover the whole shard, each pattern's whole
-    segments as one block (what the fused merge places)."""
+    segments as one block (what the fused merge places); ``diagonal_blocks`` (no key mask) lets patterns
+    whose segments tile the shards run diagonal blocks."""
     key = offsets if isinstance(offsets, str) else tuple(tuple(int(o) for o in row) for row in offsets)
     return _ring_plan(
         world, rank, n_local, num_heads, num_kv_heads, tuple(segment_lengths), tuple(dilation_rates), key,
-        bool(head_groups), bool(is_causal), bool(with_core),
+        bool(head_groups), bool(is_causal), bool(with_core), bool(diagonal_blocks),
     )
