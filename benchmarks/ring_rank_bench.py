@@ -186,7 +186,7 @@ def plan_signature(plan: RingPlan) -> tuple:
     """What makes two ranks' work differ: own blocks, core length, and per remote call rows and keys."""
     flat = plan.recv_transfers
     own = tuple(sorted((b.span.count, b.span.segment, b.span.rows) for b in plan.own_blocks))
-    calls = tuple((c.q_rows.span.rows, sum(flat[i].rows for i in c.transfers)) for c in plan.remote_calls)
+    calls = tuple((c.q_rows.span.rows, sum(flat[i].rows for i in c.keys[0][0])) for c in plan.remote_calls)
     return plan.local_only, plan.core[1] - plan.core[0], own, calls
 
 

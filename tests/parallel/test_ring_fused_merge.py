@@ -28,6 +28,10 @@ CASES = [
     case(segs=(7, 24), dils=(2, 5), mask=True, lse=True),  # key padding mask (some rows see no key)
     case(n_local=7, segs=(3,) + longnet_schedule(3, 28)[0][1:], dils=longnet_schedule(3, 28)[1], h=6, h_kv=3,
          offsets="torchscale", causal=True),  # the LongNet schedule: the largest segment is the sequence
+    # 'paper' offsets with h <= r: a spanning segment's offsets run as one diagonal block and one call
+    # on the received rows (its heads' keys from different transfers)
+    case(n_local=16, segs=(4, 16, 64), dils=(1, 4, 16), h=4, h_kv=4, b=1),
+    case(n_local=16, segs=(4, 16, 64), dils=(1, 4, 16), h=4, h_kv=4, causal=True, lse=True),
 ]
 
 
@@ -44,6 +48,14 @@ def _fused_shard(c, rank, world, group, q, k, v, mask):
     if plan.local_only:
         return None
     return ring_shard(q, k, v, mask, args, choice, plan, _RingExchange(plan, group, None, 60.0))
+
+
+def test_spanning_offsets_combine_into_one_diagonal_call():
+    plan = ring_plan(4, 2, 16, 4, 4, (4, 16, 64), (1, 4, 16), "paper", False, False, with_core=False,
+                     diagonal_blocks=True)
+    assert len(plan.remote_calls) == 1 and len(plan.remote_calls[0].keys) == 4
+    assert plan.remote_calls[0].q_rows.diag_m == 0
+    assert len({idx for idx, _ in plan.remote_calls[0].keys}) == 4  # each head its own offset's rows
 
 
 def _check(rank: int, world: int, cases, seed: int) -> None:

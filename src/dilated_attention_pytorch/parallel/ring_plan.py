@@ -52,9 +52,13 @@ class RemoteCall:
     """One kernel call on this rank: its query rows of one spanning segment against keys received."""
 
     q_rows: Block  # local query rows, heads and (unused) kv heads
-    transfers: tuple[int, ...]  # indices into RingPlan.recvs' flattened transfer list
-    kv_select: tuple[int, ...]  # per query head of the call: index into the transfer's kv_heads
+    keys: tuple[tuple[tuple[int, ...], int], ...]  # per query head: (indices into RingPlan.recv_transfers,
+    # the key/value head: index into those transfers' kv_heads); every head the same number of keys
     slot: tuple[int, int, int]  # (pattern, kind, offset) of q_rows, as RingPlan.own_slots
+
+    @property
+    def transfers(self) -> tuple[int, ...]:
+        return tuple(sorted({i for idx, _ in self.keys for i in idx}))
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: plans are cached, one object per call's settings
@@ -193,9 +197,7 @@ def _ring_plan(
                                                                 heads, kv_index)
                 transfers.append(Transfer(gi, s, src, dst, block, kv_heads, k_hi - k_lo))
             if mine is not None:
-                own.append(mine)
-                own_slots.append((pg.pattern, 2 if ss < lo else 1, o))
-                spanning_mine.append((gi, s, mine, own_slots[-1]))
+                spanning_mine.append((gi, s, mine, (pg.pattern, 2 if ss < lo else 1, o)))
         # Segments wholly inside this shard: full-length ones as one span, the short last one apart.
         first = -(-lo // W)  # first segment starting at or after lo
         full_end = min(hi, (n // W) * W)  # full segments end by here
@@ -224,17 +226,51 @@ def _ring_plan(
     for i, t in enumerate(flat):
         received.setdefault((t.group, t.segment), []).append(i)
     calls = []
-    for gi, s, mine, slot in spanning_mine:
-        idx = tuple(received.get((gi, s), ()))
-        if not idx:
+    work = _spanning_calls(spanning_mine, groups, num_heads, qpk, n_local, diagonal_blocks and not with_core)
+    while work:
+        items = work.pop(0)
+        keys = []
+        for gi, s, *_ in items:
+            idx = tuple(received.get((gi, s), ()))
+            keys += [(idx, flat[idx[0]].kv_heads.index(j // qpk) if idx else 0) for j in groups[gi].heads]
+        if len({sum(flat[i].rows for i in idx) for idx, _ in keys}) > 1:  # offsets receive unequal rows
+            work[:0] = [[entry] for entry in items]
             continue
-        pg = groups[gi]
-        kv_heads = flat[idx[0]].kv_heads
-        kv_select = tuple(kv_heads.index(j // qpk) for j in pg.heads)
-        calls.append(RemoteCall(mine, idx, kv_select, slot))
+        _, _, mine, slot = items[0]
+        if len(items) > 1:  # offsets 0..h-1 of one segment, head j at offset j, as one diagonal block
+            r, rows = mine.dilation, mine.span.rows
+            heads = slice(0, num_heads)
+            mine = Block(RowSpan(mine.span.start, 1, rows * r, rows), -1, r, heads, heads, slot[0], 0)
+            slot = (slot[0], slot[1], -1)
+        own.append(mine)
+        own_slots.append(slot)
+        if keys[0][0]:
+            calls.append(RemoteCall(mine, tuple(keys), slot))
     core = (core_a - lo, core_b - lo)
     return RingPlan(world, rank, n_local, n, local_only, core, tuple(own), sends, recvs, tuple(calls),
                     tuple(patterns.get(i, (1, 1)) for i in range(max(patterns) + 1)), tuple(own_slots), num_heads)
+
+
+def _spanning_calls(spanning_mine, groups, num_heads: int, qpk: int, n_local: int, combine: bool) -> list[list]:
+    """The spanning (group, segment, rows, slot) entries, one list per kernel call: all offsets of a
+    segment together where they make one diagonal block (``combine``: no key mask, no core; every head
+    ``j`` alone at offset ``j``, no GQA, ``h <= r``, the same rows for every offset, inside the shard),
+    else one entry per call."""
+    by_segment: dict[tuple[int, int], list] = {}
+    for entry in spanning_mine:
+        gi, s, mine, slot = entry
+        by_segment.setdefault((slot[0], s), []).append(entry)
+    out = []
+    for items in by_segment.values():
+        blocks = [mine for _, _, mine, _ in items]
+        r = blocks[0].dilation
+        diagonal = (combine and qpk == 1 and 1 < num_heads <= r and len(items) == num_heads
+                    and all(groups[gi].heads == (j,) and groups[gi].offset == j for j, (gi, *_) in enumerate(items))
+                    and all(b.span.rows == blocks[0].span.rows and b.span.start == blocks[0].span.start + j
+                            for j, b in enumerate(blocks))
+                    and blocks[0].span.start + blocks[0].span.rows * r <= n_local)
+        out += [items] if diagonal else [[entry] for entry in items]
+    return out
 
 
 def _by_peer(transfers: list[Transfer], peer_of) -> tuple[tuple[int, tuple[Transfer, ...]], ...]:

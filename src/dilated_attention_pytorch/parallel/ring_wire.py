@@ -93,23 +93,23 @@ def _wire(plan: RingPlan, b: int, h_kv: int, d: int, with_mask: bool) -> Wire:
     flat = plan.recv_transfers
     call_k, call_v, call_mask, grad_k, grad_v, shapes = [], [], [], [], [], []
     for call in plan.remote_calls:
-        select = torch.tensor(call.kv_select)
         parts = {name: [] for name in ("k", "v", "m", "gk", "gv")}
-        for i in call.transfers:
-            t = flat[i]
-            rows = _transfer_rows(t, b)  # (b, rows, U)
-            picked = rows.index_select(2, select).transpose(1, 2)  # (b, H, rows): each query head's kv head
-            k0, v0, m0 = recv_bases[i]
-            gk0, gv0, _ = grad_recv_bases[i]
-            parts["k"].append(k0 + picked)
-            parts["v"].append(v0 + picked)
-            parts["gk"].append(gk0 + picked)
-            parts["gv"].append(gv0 + picked)
-            parts["m"].append(m0 + torch.arange(b)[:, None] * t.rows + torch.arange(t.rows)[None, :])
+        for idx, sel in call.keys:  # per query head: its keys, (b, L)
+            head = {name: [] for name in parts}
+            for i in idx:
+                t = flat[i]
+                rows = _transfer_rows(t, b)[:, :, sel]  # (b, rows): this head's key/value head
+                k0, v0, m0 = recv_bases[i]
+                gk0, gv0, _ = grad_recv_bases[i]
+                for name, base in (("k", k0), ("v", v0), ("gk", gk0), ("gv", gv0)):
+                    head[name].append(base + rows)
+                head["m"].append(m0 + torch.arange(b)[:, None] * t.rows + torch.arange(t.rows)[None, :])
+            for name in parts:
+                parts[name].append(torch.cat(head[name], 1))
         for name, out in (("k", call_k), ("v", call_v), ("gk", grad_k), ("gv", grad_v)):
-            out.append(torch.cat(parts[name], 2).reshape(-1))
-        call_mask.append(torch.cat(parts["m"], 1).reshape(-1))
-        shapes.append((len(call.kv_select), sum(flat[i].rows for i in call.transfers)))
+            out.append(torch.stack(parts[name], 1).reshape(-1))  # (b, H, L)
+        call_mask.append(parts["m"][0].reshape(-1))  # one key mask: every head has the same keys (see ring_plan)
+        shapes.append((len(call.keys), parts["k"][0].shape[1]))
     kpos, vpos = [], []
     for t, (k0, v0, _) in zip([t for _, ts in plan.sends for t in ts], grad_send_bases):
         rows = _transfer_rows(t, b).reshape(-1)
