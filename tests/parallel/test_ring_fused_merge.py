@@ -32,6 +32,10 @@ CASES = [
     # on the received rows (its heads' keys from different transfers)
     case(n_local=16, segs=(4, 16, 64), dils=(1, 4, 16), h=4, h_kv=4, b=1),
     case(n_local=16, segs=(4, 16, 64), dils=(1, 4, 16), h=4, h_kv=4, causal=True, lse=True),
+    # h > r: diagonal blocks of r heads each, segments straddling shard edges, the sequence's short last
+    # segment on the last rank
+    case(n_local=12, segs=(8, 16), dils=(2, 4), h=8, h_kv=8, b=1),
+    case(n_local=12, segs=(8, 16), dils=(2, 4), h=8, h_kv=8, b=1, causal=True),
 ]
 
 

@@ -163,6 +163,23 @@ def _ring_plan(
             if bl.pattern in tiling:
                 own.append(bl)
                 own_slots.append((bl.pattern, 0, -1))
+    # Patterns whose offsets run together as diagonal blocks (no core, no key mask): whole segments, and
+    # a spanning segment's rows and received rows where the offsets line up (``_spanning_calls``).
+    diagonal = {i for i in set(patterns) - tiling if not with_core and diagonal_blocks and
+                _diagonal(groups, i, num_heads, qpk)}
+    for i in sorted(diagonal):
+        W, r = patterns[i]
+        first = -(-lo // W)
+        count = max(0, (min(hi, (n // W) * W) - first * W) // W)
+        tail_start = (n // W) * W  # the sequence's short last segment, if this shard holds it
+        tail = n - tail_start if tail_start < n and lo <= tail_start and n <= hi else 0
+        for kind, span in ((0, RowSpan(first * W - lo, count, W, W // r)),
+                           (1, RowSpan(tail_start - lo, 1, tail, tail // r))):
+            if span.count and span.segment and span.segment % r == 0:
+                for m in range(max(1, num_heads // r)):
+                    heads = slice(r * m, r * m + min(r, num_heads))
+                    own.append(Block(span, -1, r, heads, heads, i, m))
+                    own_slots.append((i, kind, -1))
     transfers: list[Transfer] = []  # this rank's transfers (sent or received), in one canonical order
     spanning_mine: list[tuple[int, int, Block]] = []  # (group, segment, my query rows)
     # Some segment crosses a shard boundary iff some segment length does not divide n_local.
@@ -209,11 +226,12 @@ def _ring_plan(
         if core_b == core_a:
             runs = [(first, first + count)]
         for s0, s1 in runs:
-            if s1 > s0 and rows_full:
+            if s1 > s0 and rows_full and not (pg.pattern in diagonal and W % r == 0):
                 own.append(Block(RowSpan(s0 * W - lo, s1 - s0, W, rows_full), o, r, heads, kv_index))
                 own_slots.append((pg.pattern, 0, o))
         tail_start = (n // W) * W
-        if tail_start < n and lo <= tail_start and n <= hi:
+        diagonal_tail = pg.pattern in diagonal and (n - tail_start) % r == 0  # (above)
+        if tail_start < n and lo <= tail_start and n <= hi and not diagonal_tail:
             rows_tail = len(range(o, n - tail_start, r))
             if rows_tail:
                 own.append(Block(RowSpan(tail_start - lo, 1, n - tail_start, rows_tail), o, r, heads, kv_index))
@@ -226,21 +244,23 @@ def _ring_plan(
     for i, t in enumerate(flat):
         received.setdefault((t.group, t.segment), []).append(i)
     calls = []
-    work = _spanning_calls(spanning_mine, groups, num_heads, qpk, n_local, diagonal_blocks and not with_core)
+    work = _spanning_calls(spanning_mine, groups, diagonal, num_heads, n_local)
     while work:
-        items = work.pop(0)
+        items, m = work.pop(0)
+        heads_of = [(gi, s, groups[gi].heads if m is None else (groups[gi].offset + groups[gi].dilation * m,))
+                    for gi, s, *_ in items]
         keys = []
-        for gi, s, *_ in items:
+        for gi, s, heads in heads_of:
             idx = tuple(received.get((gi, s), ()))
-            keys += [(idx, flat[idx[0]].kv_heads.index(j // qpk) if idx else 0) for j in groups[gi].heads]
+            keys += [(idx, flat[idx[0]].kv_heads.index(j // qpk) if idx else 0) for j in heads]
         if len({sum(flat[i].rows for i in idx) for idx, _ in keys}) > 1:  # offsets receive unequal rows
-            work[:0] = [[entry] for entry in items]
+            work[:0] = [([entry], None) for entry in items]
             continue
         _, _, mine, slot = items[0]
-        if len(items) > 1:  # offsets 0..h-1 of one segment, head j at offset j, as one diagonal block
+        if m is not None:  # every offset of one segment, heads r·m + o at offset o: one diagonal block
             r, rows = mine.dilation, mine.span.rows
-            heads = slice(0, num_heads)
-            mine = Block(RowSpan(mine.span.start, 1, rows * r, rows), -1, r, heads, heads, slot[0], 0)
+            heads = slice(r * m, r * m + len(items))
+            mine = Block(RowSpan(mine.span.start, 1, rows * r, rows), -1, r, heads, heads, slot[0], m)
             slot = (slot[0], slot[1], -1)
         own.append(mine)
         own_slots.append(slot)
@@ -251,25 +271,39 @@ def _ring_plan(
                     tuple(patterns.get(i, (1, 1)) for i in range(max(patterns) + 1)), tuple(own_slots), num_heads)
 
 
-def _spanning_calls(spanning_mine, groups, num_heads: int, qpk: int, n_local: int, combine: bool) -> list[list]:
-    """The spanning (group, segment, rows, slot) entries, one list per kernel call: all offsets of a
-    segment together where they make one diagonal block (``combine``: no key mask, no core; every head
-    ``j`` alone at offset ``j``, no GQA, ``h <= r``, the same rows for every offset, inside the shard),
-    else one entry per call."""
+def _diagonal(groups, pattern: int, num_heads: int, qpk: int) -> bool:
+    """Whether pattern ``pattern``'s offsets can run as diagonal blocks (:func:`~..planning.plan_blocks`):
+    no GQA, head ``j`` at offset ``j mod r``, and fewer calls than one per offset (``h <= r``, or ``r``
+    divides ``h`` and ``h / r < r``)."""
+    mine = [pg for pg in groups if pg.pattern == pattern]
+    r = mine[0].dilation
+    if qpk != 1 or r == 1 or num_heads == 1 or (num_heads > r and (num_heads % r or num_heads // r >= r)):
+        return False
+    return sorted(j for pg in mine for j in pg.heads) == list(range(num_heads)) and \
+        all(pg.heads == tuple(range(pg.offset, num_heads, r)) for pg in mine)
+
+
+def _spanning_calls(spanning_mine, groups, diagonal: set, num_heads: int, n_local: int) -> list[tuple[list, object]]:
+    """The spanning (group, segment, rows, slot) entries as kernel calls: ``(entries, m)`` with ``m`` the
+    diagonal block's head block where every offset of a segment runs together (a pattern in
+    ``diagonal``, the same rows for every offset, inside the shard), else ``([entry], None)``."""
     by_segment: dict[tuple[int, int], list] = {}
     for entry in spanning_mine:
-        gi, s, mine, slot = entry
-        by_segment.setdefault((slot[0], s), []).append(entry)
-    out = []
-    for items in by_segment.values():
+        by_segment.setdefault((entry[3][0], entry[1]), []).append(entry)
+    out: list[tuple[list, object]] = []
+    for (pattern, _), items in by_segment.items():
+        items = sorted(items, key=lambda e: groups[e[0]].offset)
         blocks = [mine for _, _, mine, _ in items]
         r = blocks[0].dilation
-        diagonal = (combine and qpk == 1 and 1 < num_heads <= r and len(items) == num_heads
-                    and all(groups[gi].heads == (j,) and groups[gi].offset == j for j, (gi, *_) in enumerate(items))
-                    and all(b.span.rows == blocks[0].span.rows and b.span.start == blocks[0].span.start + j
-                            for j, b in enumerate(blocks))
+        lined_up = (pattern in diagonal and len(items) == min(r, num_heads)
+                    and all(groups[gi].offset == o for o, (gi, *_) in enumerate(items))
+                    and all(b.span.rows == blocks[0].span.rows and b.span.start == blocks[0].span.start + o
+                            for o, b in enumerate(blocks))
                     and blocks[0].span.start + blocks[0].span.rows * r <= n_local)
-        out += [items] if diagonal else [[entry] for entry in items]
+        if lined_up:
+            out += [(items, m) for m in range(max(1, num_heads // r))]
+        else:
+            out += [([entry], None) for entry in items]
     return out
 
 
