@@ -147,10 +147,12 @@ def ring_program(plan: RingPlan, exchange_: Exchange, kernel: BlockKernel, remot
         lo, n = plan.rank * plan.n_local, plan.n_total
         phases = tuple(lo % w for w, _ in plan.patterns)
         full = tuple(max(0, (min(lo + plan.n_local, n // w * w) - -(-lo // w) * w) // w) for w, _ in plan.patterns)
-        rows = 2 if plan.remote_calls else 1  # a second row per pattern: the received rows' partial results
-        slots = plan.own_slots + tuple((c.slot[0] + k, c.slot[1], c.slot[2]) for c in plan.remote_calls)
-        gather = Gather(tuple(w for w, _ in plan.patterns) * rows, tuple(r for _, r in plan.patterns) * rows,
-                        phases * rows, full * rows, slots)
+        # a second table row for each pattern with received rows: their partial results, for the same rows
+        second = sorted({c.slot[0] for c in plan.remote_calls})
+        rows = list(range(k)) + second
+        slots = plan.own_slots + tuple((k + second.index(c.slot[0]), c.slot[1], c.slot[2]) for c in plan.remote_calls)
+        gather = Gather(tuple(plan.patterns[i][0] for i in rows), tuple(plan.patterns[i][1] for i in rows),
+                        tuple(phases[i] for i in rows), tuple(full[i] for i in rows), slots)
     return Program((Group(tuple(tasks), gather=gather),), scale, grads_in_input_dtype=fused, exchange=exchange_)
 
 
