@@ -102,31 +102,31 @@ def attend_parts(scale: float, q: torch.Tensor, parts) -> torch.Tensor:
     """One query row per head, q ``(b, h, d)``, against the keys each active (pattern, offset) slot selects:
     ``parts`` holds ``(slot, keys, values, rows)``, keys/values ``(b, h_kv, L, d)``, ``rows`` None (every
     batch row sees all ``L`` keys) or a bool ``(b, L)`` of the keys each batch row sees; a row sees at most
-    one slot per pattern (it has one phase per pattern). Per part, the slot's query heads attend its keys
-    (scores in fp32 or fp64, no copy per query head); the parts merge by log-sum-exp, so a key selected by ``C``
-    patterns counts ``C`` times, as in the full pass. A head never reads another slot's keys, so a NaN or
-    inf there cannot reach it. -> ``(b, h, d)``; heads without keys give zeros."""
+    one slot per pattern (it has one phase per pattern). One small attention over the concatenated keys,
+    the ``g`` query heads of a key/value head as its ``g`` query rows (no copy per query head), each masked
+    to its own slots: a key selected by ``C`` patterns counts ``C`` times (a ``log C`` bonus), which is the
+    log-sum-exp merge of the full pass. Scores in fp32 (fp64 for fp64), masked by selection, so a NaN or inf
+    key of another head's slot never reaches a head; a head that attends a non-finite value gets NaN, one
+    that does not is computed without it. -> ``(b, h, d)``; heads without keys give zeros."""
     b, h, d = q.shape
     if not parts:
         return torch.zeros_like(q)
-    h_kv = parts[0][1].shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf = (q.to(acc) * scale).view(b, h_kv, h // h_kv, 1, d)  # query heads grouped by their key/value head
-    outs, lses = [], []
-    for slot, k, v, seen in parts:
-        length = k.shape[2]
-        scores = (qf @ k.to(acc).unsqueeze(2).transpose(-1, -2)).view(b, h, length)
-        allowed = slot.heads[None, :, None] if seen is None else slot.heads[None, :, None] & seen[:, None, :]
-        scores = torch.where(allowed, scores, float("-inf"))
-        lses.append(torch.logsumexp(scores, dim=-1))  # (b, h); -inf for the heads of other slots
-        vf = v.to(acc) if seen is None else v.to(acc).masked_fill(~seen[:, None, :, None], 0.0)  # stale rows
-        p = torch.softmax(scores, dim=-1).view(b, h_kv, h // h_kv, 1, length)  # NaN rows: no keys, zeroed below
-        outs.append((p @ vf.unsqueeze(2)).view(b, h, d))
-    lse_all = torch.stack(lses)  # (parts, b, h)
-    total = torch.logsumexp(lse_all, dim=0)
-    out_all = torch.where(lse_all.isneginf().unsqueeze(-1), 0.0, torch.stack(outs))  # a part a head does not see
-    out = (torch.exp(lse_all - total).unsqueeze(-1) * out_all).sum(0)
-    return torch.where(total.isneginf().unsqueeze(-1), 0.0, out).to(q.dtype)  # no keys at all: zeros
+    k = torch.cat([k for _, k, _, _ in parts], dim=2).to(acc)
+    v = torch.cat([v for _, _, v, _ in parts], dim=2).to(acc)
+    h_kv, length = k.shape[1], k.shape[2]
+    rows = b if any(seen is not None for *_, seen in parts) else 1
+    masks = []
+    for slot, kk, _, seen in parts:
+        m = slot.heads[None, :, None].expand(rows, h, kk.shape[2])
+        masks.append(m if seen is None else m & seen[:, None, :])
+    mask = torch.cat(masks, dim=2).view(rows, h_kv, h // h_kv, length)
+    scores = (q.to(acc) * scale).view(b, h_kv, h // h_kv, d) @ k.transpose(-1, -2)  # (b, h_kv, g, L)
+    p = torch.softmax(torch.where(mask, scores, float("-inf")), dim=-1)  # NaN rows: no keys, zeroed below
+    bad = ~torch.isfinite(v).all(dim=-1)  # (b, h_kv, L): non-finite values, kept out of the product
+    out = p @ torch.where(bad.unsqueeze(-1), 0.0, v)
+    out = torch.where(((p > 0) & bad.unsqueeze(2)).any(dim=-1, keepdim=True), float("nan"), out)
+    return torch.where(mask.any(dim=-1, keepdim=True), out, 0.0).view(b, h, d).to(q.dtype)
 
 
 def decode_attention(
