@@ -68,3 +68,27 @@ def test_a_nan_key_reaches_only_the_heads_that_see_it(ws, rs, h, h_kv, offsets, 
             assert torch.equal(dec.isnan(), full[:, -1].isnan()), (u, kh)
             finite = ~full[:, -1].isnan()
             torch.testing.assert_close(dec[finite], full[:, -1][finite], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("ws,rs,h,h_kv,offsets", [
+    ([4, 8, 16], [1, 4, 4], 2, 1, "torchscale"),
+    ([8, 16], [1, 4], 4, 2, "paper"),
+    ([6, 12], [2, 3], 4, 4, "paper"),
+])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_value_reaches_only_the_heads_that_attend_it(ws, rs, h, h_kv, offsets, bad):
+    """A NaN or inf value: the heads whose output depends on that value (found by changing it to two finite
+    values) give NaN; every other head gives exactly what it gives with a finite value there."""
+    n = 26
+    q = torch.randn(1, n, h, 4, dtype=torch.float64)
+    k, v = torch.randn(1, n, h_kv, 4, dtype=torch.float64), torch.randn(1, n, h_kv, 4, dtype=torch.float64)
+    for u in range(n):
+        for kh in range(h_kv):
+            outs = []
+            for value in (1.5, -3.0, bad):
+                v2 = v.clone()
+                v2[0, u, kh] = value
+                outs.append(decode_attention(q[:, -1:], k, v2, ws, rs, offsets=offsets)[0, 0])  # (h, d)
+            attends = (outs[0] != outs[1]).any(-1)  # (h,)
+            assert outs[2][attends].isnan().all(), (u, kh)
+            torch.testing.assert_close(outs[2][~attends], outs[0][~attends], rtol=0, atol=0)

@@ -56,10 +56,6 @@ class RemoteCall:
     # the key/value head: index into those transfers' kv_heads); every head the same number of keys
     slot: tuple[int, int, int]  # (pattern, kind, offset) of q_rows, as RingPlan.own_slots
 
-    @property
-    def transfers(self) -> tuple[int, ...]:
-        return tuple(sorted({i for idx, _ in self.keys for i in idx}))
-
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: plans are cached, one object per call's settings
 class RingPlan:
