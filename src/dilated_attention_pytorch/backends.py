@@ -14,10 +14,13 @@ from .capabilities import Backend, Support, first_supported, render_table
 from .kernels import FUSED_KERNELS, KERNELS, BlockInputs, BlockKernel, choose_kernel
 from .reference import REFERENCE_MAX_SCORES
 
-__all__ = ["BACKENDS", "DILATED_BACKENDS", "BackendChoice", "backend_table", "call_inputs", "choose_backend",
-           "chunk_tokens", "explain_backend"]
+__all__ = ["BACKENDS", "DILATED_BACKENDS", "PACK_TOKEN_HEADS", "BackendChoice", "backend_table", "call_inputs",
+           "choose_backend", "chunk_tokens", "explain_backend"]
 
 CHUNK_TOKENS = 1 << 17  # tokens per chunk of temporaries (rounded to whole segments)
+# Packed documents on the fused path: block calls of at most this many rows x heads (a fraction of one wave
+# of a large GPU) run together as one variable-length call (see .packing; BENCHMARKS.md "Packed documents").
+PACK_TOKEN_HEADS = 1 << 16
 
 
 def chunk_tokens(n: int) -> int:

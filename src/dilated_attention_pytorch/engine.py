@@ -24,6 +24,7 @@ import torch
 
 from .executor import Gather, Group, Program, Task, execute
 from .kernels import BlockKernel
+from .packing import pack_tasks
 from .patterns import OffsetRule
 from .lru import cached
 from .planning import all_heads, chunk_bounds, covering_pattern, pieces, plan_blocks
@@ -48,6 +49,7 @@ class EngineOptions:
     merge: str = "torch"  # "torch": merge in PyTorch ops; "triton": one gather kernel per chunk
     grads_in_input_dtype: bool = False  # accumulate dq/dk/dv over patterns in the input dtype (no fp32 copy)
     piece_token_heads: int = 1 << 62  # backward: kernel calls cover at most about this many token-heads
+    pack_token_heads: int = 0  # documents: tasks of at most this many token-heads run as one call (.packing)
 
 
 @lru_cache(maxsize=256)
@@ -83,8 +85,11 @@ def documents_program(b: int, n: int, num_heads: int, num_kv_heads: int, key_mas
                 _, c0, c1 = g.rows
                 groups.append(Group(g.tasks, (slice(i, i + 1), start + c0, start + c1), g.gather))
     covers_all = len(documents) == b and all(sum(e - s for s, e in row) == n for row in documents)
+    packed = None
+    if opts.pack_token_heads and not key_mask and opts.dropout_p == 0:  # masks and random streams are per task
+        packed = pack_tasks(groups, n, num_heads, num_kv_heads, opts.pack_token_heads)
     return Program(tuple(groups), opts.scale, opts.dropout_p, opts.grads_in_input_dtype,
-                   exact_backward=len(opts.segment_lengths) > 1, covers_all=covers_all)
+                   exact_backward=len(opts.segment_lengths) > 1, covers_all=covers_all, packed=packed)
 
 
 def _chunk_tasks(b: int, m: int, h: int, h_kv: int, key_mask: bool, segments: tuple[int, ...],

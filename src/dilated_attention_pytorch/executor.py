@@ -31,6 +31,7 @@ import torch
 
 from .kernels import BlockInputs, BlockKernel, acc_dtype, has_key, host_checks
 from .merge import backward_stats, finish_merge, lse_shift, merge_step
+from .packing import Packed, packed_backward, packed_forward
 
 __all__ = ["Exchange", "Gather", "Group", "Program", "Task", "execute"]
 
@@ -91,6 +92,7 @@ class Program:
     exact_backward: bool = True  # float32/float64: the merge's (shift, total) backward
     exchange: Optional[Exchange] = None  # only with one group over all rows
     covers_all: bool = True  # False: some rows are in no group (zeros, LSE -inf, no gradient)
+    packed: Optional[Packed] = None  # small tasks run as one variable-length call (see .packing)
 
     def __post_init__(self) -> None:
         if self.exchange is not None and (len(self.groups) != 1 or self.groups[0].rows is not None):
@@ -144,7 +146,12 @@ class _Execute(torch.autograd.Function):
             lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         stats = (torch.empty_like(lse), torch.empty_like(lse)) if q.dtype == acc and program.exact_backward else None
         rngs = []
-        for group in program.groups:
+        packed, packed_state = {}, None
+        if program.packed is not None:
+            members = program.packed.members
+            results, packed_state = packed_forward(program.packed, _member_kernel(program), q, k, v, program.scale)
+            packed = dict(zip(members, results))
+        for gi, group in enumerate(program.groups):
             qg, rows = _part(q, group.rows), group.rows
             own = (_part(k, rows), _part(v, rows), _part(key_valid, rows))
             out_g, lse_g = _part(out, rows), _part(lse, rows)
@@ -154,10 +161,14 @@ class _Execute(torch.autograd.Function):
                 out_sum = torch.zeros(qg.shape, dtype=acc, device=q.device)
                 lse_max = torch.full(lse_g.shape, float("-inf"), dtype=acc, device=q.device)
                 total = torch.zeros(lse_g.shape, dtype=acc, device=q.device)
-            for task in group.tasks:
+            for ti, task in enumerate(group.tasks):
                 if task.space and len(spaces) == 1:
                     spaces += exchange.wait(pending)  # received rows: needed from here on
-                out_b, lse_b, rng = _forward_task(task, qg, own if task.space == 0 else spaces[task.space], program, acc)
+                if (gi, ti) in packed:
+                    (out_b, lse_b), rng = packed[gi, ti], None
+                else:
+                    out_b, lse_b, rng = _forward_task(task, qg, own if task.space == 0 else spaces[task.space],
+                                                      program, acc)
                 rngs.append(rng)
                 if group.gather is not None:
                     results.append((out_b, lse_b))
@@ -186,7 +197,7 @@ class _Execute(torch.autograd.Function):
         if exchange is not None and len(spaces) == 1:
             spaces += exchange.wait(pending)
         ctx.save_for_backward(q, k, v, key_valid, out, lse, *(stats or (None, None)))
-        ctx.program, ctx.rngs, ctx.received = program, rngs, spaces[1:]
+        ctx.program, ctx.rngs, ctx.received, ctx.packed_state = program, rngs, spaces[1:], packed_state
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -198,14 +209,20 @@ class _Execute(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         new = torch.empty_like if program.covers_all else torch.zeros_like  # every group writes all its rows
-        grads = new(q), new(k), new(v)
+        packed = program.packed
+        layout = torch.preserve_format if packed is None else torch.contiguous_format  # packed: flat index_add
+        grads = tuple(new(x, memory_format=layout) for x in (q, k, v))
+        if packed is not None:  # the packed tasks' lse, dout and delta as their groups' backward makes them
+            members = set(packed.members)
+            p_lse, p_dout = torch.empty_like(lse), dout if shift is None else torch.empty_like(dout)
+            p_delta = None if dlse is None else torch.empty_like(lse)
         received = ctx.received
         received_grads = [(torch.zeros(rk.shape, dtype=acc, device=q.device),
                            torch.zeros(rv.shape, dtype=acc, device=q.device)) for rk, rv, _ in received]
         kernels: dict = {}
         rngs = iter(ctx.rngs)
         exchange = program.exchange  # with an exchange, the program is one group over all rows
-        for group in program.groups:
+        for gi, group in enumerate(program.groups):
             rows = group.rows
             task_rngs = [next(rngs) for _ in group.tasks]
             targets = [_part(g, rows) for g in grads]
@@ -226,12 +243,18 @@ class _Execute(torch.autograd.Function):
             else:
                 lse_bwd, dout_g, delta = backward_stats(_part(shift, rows), _part(total, rows), dout_g, delta)
             tensors = (_part(q, rows), dout_g, out_g, lse_bwd, delta)
+            if packed is not None:
+                for full, part in ((p_lse, lse_bwd), (p_dout, dout_g), (p_delta, delta)):
+                    if full is not None and full is not dout:
+                        _part(full, rows).copy_(part)
             own = (_part(k, rows), _part(v, rows), _part(key_valid, rows))
             # received rows first, then the tasks that write their gradients (before any adds to their rows)
             order = sorted(range(len(group.tasks)), key=lambda i: (group.tasks[i].space == 0, not any(group.tasks[i].writes)))
             pending = None
             for i in order:
                 task = group.tasks[i]
+                if packed is not None and (gi, i) in members:
+                    continue  # in the packed call, after every group
                 if task.space == 0 and pending is None and exchange is not None:
                     pending = exchange.post_grads(received_grads, k)  # they travel while local tasks run
                 space, space_grads = ((own, (dk, dv)) if task.space == 0 else
@@ -245,12 +268,22 @@ class _Execute(torch.autograd.Function):
             if not program.grads_in_input_dtype:
                 for target, grad in zip(targets, (dq, dk, dv)):
                     target.copy_(grad)
+        if packed is not None:
+            kernel = _backward_kernel(_member_kernel(program), q, False, program.dropout_p, dlse is not None, kernels)
+            packed_backward(packed, kernel, ctx.packed_state, p_dout, q, k, v, out, p_lse, p_delta,
+                            grads, program.scale)
         dq, dk, dv = grads
         if key_valid is not None:  # padded keys and values: exactly zero, even where a NaN in the real
             padded = ~key_valid[:, :, None, None]  # inputs reached them in a task as 0 * NaN
             dk.masked_fill_(padded, 0.0)
             dv.masked_fill_(padded, 0.0)
         return None, dq, dk, dv, None
+
+
+def _member_kernel(program: Program) -> BlockKernel:
+    """The block kernel of the packed tasks (one for all: they come from one engine program)."""
+    gi, ti = program.packed.members[0]
+    return program.groups[gi].tasks[ti].kernel
 
 
 def _backward_task(task: Task, rng, tensors, space: Space, targets, program: Program, needs_delta: bool,

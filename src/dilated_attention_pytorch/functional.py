@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _validation as V
-from .backends import BACKENDS, BackendChoice, choose_backend, chunk_tokens
+from .backends import BACKENDS, PACK_TOKEN_HEADS, BackendChoice, choose_backend, chunk_tokens
 from .engine import Documents, EngineOptions, run_engine
 from .patterns import OffsetRule
 from .reference import REFERENCE_MAX_SCORES, reference_dilated_attention
@@ -64,6 +64,7 @@ def engine_options(query: torch.Tensor, segment_lengths: Sequence[int], dilation
         merge="triton" if choice.backend == "fused" else "torch",
         grads_in_input_dtype=choice.backend == "fused",
         piece_token_heads=max(1 << 17, b * n * h // 8),
+        pack_token_heads=PACK_TOKEN_HEADS if choice.backend == "fused" else 0,
     )
 
 
