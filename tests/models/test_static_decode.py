@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from dilated_attention_pytorch.models.static_decoding import StaticDilatedKVCache
+from dilated_attention_pytorch.models import LongNetLM, StaticDilatedKVCache
 from dilated_attention_pytorch.reference import reference_dilated_attention
 
 from tests.models.test_decoding import CASES
@@ -207,3 +207,24 @@ def test_errors():
         _cache(case, 1, 4, max_length=4, block_k=12)
     with pytest.raises(ValueError, match="backend must be one of"):
         _cache(case, 1, 4, max_length=4, backend="cuda")
+
+
+@pytest.mark.parametrize("prompt_lengths", [(6, 6), (6, 2)])
+def test_lm_with_a_static_state_gives_the_full_pass_logits(prompt_lengths):
+    """``LongNetLM.new_state(b, max_length=...)``: prompt (left-padded rows too) then one token per step; every
+    step's logits equal the full pass over each row's own tokens."""
+    model = LongNetLM(vocab_size=40, embed_dim=32, num_heads=4, num_kv_heads=2, num_layers=2,
+                      segment_lengths=(3, 8, 16), dilation_rates=(1, 2, 4)).double().eval()
+    width, total = max(prompt_lengths), 30
+    ids = torch.randint(0, 40, (2, total))
+    starts = [width - p for p in prompt_lengths]
+    state = model.new_state(2, max_length=total)
+    assert all(isinstance(c, StaticDilatedKVCache) for c in state.layers)
+    size = state.numel()
+    with torch.no_grad():
+        inc = [model(ids[:, :width], state, sequence_starts=starts)]
+        inc += [model(ids[:, t : t + 1], state) for t in range(width, total)]
+        inc = torch.cat(inc, dim=1)
+        for i, s in enumerate(starts):
+            torch.testing.assert_close(inc[i, s:], model(ids[i : i + 1, s:])[0], rtol=1e-10, atol=1e-10)
+    assert state.numel() == size
