@@ -121,10 +121,9 @@ def _combine_kernel(m_ptr, l_ptr, bad_ptr, acc_ptr, out_ptr, parts, head_dim, nu
             tl.int32)
         part = tl.load(acc_ptr + idx[:, None] * head_dim + dd[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         acc += part * wgt[:, None]
-    total_sum = tl.sum(total, axis=0)  # 0 only without keys; NaN stays NaN
-    out = tl.sum(acc, axis=0) / tl.where(total_sum > 0, total_sum, 1.0)
+    total_sum = tl.sum(total, axis=0)  # 0 only without keys (every weight 0): the output is 0 / 1
+    out = tl.sum(acc, axis=0) / tl.where(total_sum > 0, total_sum, 1.0)  # a NaN sum stays NaN
     out = tl.where(tl.max(attends_bad, axis=0) > 0, float("nan"), out)
-    out = tl.where(big == float("-inf"), 0.0, out)  # no keys: zeros (a NaN ``big`` stays NaN)
     bb = bh // num_heads
     j = bh % num_heads
     tl.store(out_ptr + bb.to(tl.int64) * s_ob + j * s_oh + dd, out.to(out_ptr.dtype.element_ty), mask=d_ok)
