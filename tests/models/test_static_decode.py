@@ -51,8 +51,8 @@ def test_torch_path_steps_equal_full_causal_rows(case, prompt):
     ref = _rows_reference(case, q, k, v, (0,) * b)
     cache = _cache(case, b, d, max_length=n)
     size = cache.numel()
-    if prompt:
-        cache.fill(k[:, :prompt], v[:, :prompt])
+    cache.fill(k[:, :prompt], v[:, :prompt])  # prompt 0: an empty fill
+    assert cache.position == prompt
     for t in range(prompt, n):
         out = cache.attend(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
         for i in range(b):
