@@ -166,7 +166,7 @@ class StaticDilatedKVCache:
                     continue
                 lo = start + min(m, m - m % slot.segment + slot.offset)  # clamped: segments may exceed int64
                 for store, x in ((self._keys, key), (self._values, value)):
-                    part = x[rows, lo:n:min(slot.dilation, n)]  # (rows, L, h_kv, d)
+                    part = x[rows, lo:n:max(1, min(slot.dilation, n))]  # (rows, L, h_kv, d)
                     if slot.kv_index is not None:
                         part = part.index_select(2, slot.kv_index)
                     self._lanes_of(store, idx)[rows, :, : part.shape[1]] = part.transpose(1, 2).to(self.dtype)
