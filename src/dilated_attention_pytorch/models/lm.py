@@ -106,7 +106,8 @@ class LongNetLM(nn.Module):
         """An empty decoding state for ``batch_size`` sequences (device/dtype default to the model's). With
         ``max_length`` (tokens per row, prompt included): fixed-shape caches
         (:class:`~dilated_attention_pytorch.models.static_decoding.StaticDilatedKVCache`), one token per step
-        after the prompt."""
+        after the prompt (run eagerly: the model's rotary positions come from the host's counter, so a CUDA
+        graph of its step would replay the captured positions)."""
         V.check_int("batch_size", batch_size)
         p = self.embed.weight
         return DecodingState([
