@@ -6,8 +6,8 @@ A stack of Llama-shaped attention layers (q/k/v/o projections; h=32, h_kv=8, d=1
 full key/value cache, each eagerly and captured in a CUDA graph (``dilated-graph``: ``StaticDilatedKVCache``,
 fixed shapes and positions on the device, the whole stack's step, projections included, captured once and
 replayed per token; ``sdpa-graph``: SDPA over a fixed cache of ``context`` rows, the new key written at a
-device index, captured the same way). The context is filled cheaply: random keys/values written straight into the caches
-(no prefill). The decoded tokens are the last ones of the context, where every pattern's current segment
+device index, captured the same way). The context is filled cheaply: random keys/values written straight into
+the caches (no prefill). The decoded tokens are the last ones of the context, where every pattern's current segment
 is nearly full (the most keys a step can see). Default patterns: the LongNet schedule w = 2048·2^i,
 r = 2^i up to 64K (at most 6 · 2048 keys per head and step). The SDPA stack shares one full-size cache buffer between
 its layers (same reads per layer, a fraction of the memory); its cache bytes are reported for all layers.
@@ -223,7 +223,22 @@ def run(a) -> list[dict]:
                 rows.append(row)
                 print(f"{method:13s} b={batch:<2d} context={context:>8d}  {row['ms_per_token']:8.3f} ms/token  "
                       f"{row['tokens_per_s']:10.1f} tok/s  cache {nbytes / 2**20:10.1f} MiB", flush=True)
+    for r in speedups(rows):
+        print(f"{r['dilated']} vs {r['sdpa']}  b={r['batch']:<2d} context={r['context']:>8d}  "
+              f"speed-up {r['speedup']:6.2f}x (SDPA ms / dilated ms per token)", flush=True)
     return rows
+
+
+def speedups(rows) -> list[dict]:
+    """Per batch and context: SDPA's time per token over dilated attention's, eager and graph vs graph."""
+    time = {(r["method"], r["batch"], r["context"]): r["ms_per_token"] for r in rows}
+    out = []
+    for dil, sdpa in (("dilated", "sdpa"), ("dilated-graph", "sdpa-graph")):
+        for (method, batch, context), ms in time.items():
+            if method == dil and (sdpa, batch, context) in time:
+                out.append(dict(dilated=dil, sdpa=sdpa, batch=batch, context=context,
+                                speedup=time[(sdpa, batch, context)] / ms))
+    return out
 
 
 def plot(rows, path) -> None:
@@ -331,7 +346,7 @@ def main(argv=None) -> None:
         a.segments, a.dilations, a.dtype, a.device, a.steps, a.warmup = [64, 256], [1, 4], "fp32", "cpu", 4, 1
     rows = run(a)
     with open(os.path.join(a.out, "decode_bench.json"), "w") as f:
-        json.dump(dict(args=vars(a), rows=rows), f, indent=1)
+        json.dump(dict(args=vars(a), rows=rows, speedups=speedups(rows)), f, indent=1)
     plot(rows, os.path.join(a.out, "decode_bench.png"))
 
 
