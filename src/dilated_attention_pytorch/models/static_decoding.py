@@ -89,10 +89,11 @@ class StaticDilatedKVCache:
         self._values = torch.zeros(shape, dtype=dtype, device=self.device)
         self._positions = torch.zeros(batch_size, dtype=torch.int64, device=self.device)  # next token's position
         self._partials: Optional[tuple[torch.Tensor, ...]] = None
-        if self.backend == "triton" and self._lane_list:
+        if self.backend == "triton" and self._num_lanes:
             from ..kernels._decode_kernel import chunks
 
-            parts = batch_size * num_heads * len(segment_lengths) * chunks(max(self._caps), block_k)
+            longest = max(cap for _, cap in self._slot_rows)
+            parts = batch_size * num_heads * len(segment_lengths) * chunks(longest, block_k)
             self._partials = tuple(torch.empty(n, dtype=torch.float32, device=self.device)
                                    for n in (parts, parts, parts, parts * head_dim))
 
@@ -104,7 +105,6 @@ class StaticDilatedKVCache:
         group = self.num_heads // self.num_kv_heads
         lanes, heads = [], [[-1] * self.num_heads for _ in range(num_patterns)]
         self._slot_rows: list[tuple[int, int]] = []  # per slot: (first row, rows per lane)
-        self._caps: list[int] = []
         rows = 0
         for slot in self._slots:
             cap = len(range(slot.offset, min(slot.segment, cap_len), slot.dilation))
@@ -115,11 +115,10 @@ class StaticDilatedKVCache:
             for c in slot.kv_heads:
                 lanes.append((min(slot.segment, cap_len), min(slot.dilation, cap_len), min(slot.offset, cap_len),
                               rows, c))
-                self._caps.append(cap)
                 rows += cap
             for j in slot.heads.nonzero().flatten().tolist():
                 heads[slot.pattern][j] = first + slot.kv_heads.index(j // group)
-        self._rows, self._lane_list = rows, lanes
+        self._rows, self._num_lanes = rows, len(lanes)
         self._lane_tab = torch.tensor(lanes, dtype=torch.int32, device=self.device).view(len(lanes), 5)
         self._head_tab = torch.tensor(heads, dtype=torch.int32, device=self.device)
         self._lane_cols = self._lane_tab.long().unbind(1)  # for the torch path's append
@@ -204,7 +203,7 @@ class StaticDilatedKVCache:
             self._advance(1)
         q = query[:, 0].to(self.dtype)
         k, v = key[:, 0].to(self.dtype), value[:, 0].to(self.dtype)
-        if not self._lane_list:  # no position below max_length is seen by any head
+        if not self._num_lanes:  # no position below max_length is seen by any head
             out = torch.zeros_like(q)
         elif self.backend == "triton":
             from ..kernels import _decode_kernel as K
