@@ -161,7 +161,7 @@ def attend(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, positi
     _attend_kernel[(num_chunks, num_patterns, b * h)](
         q, k_store, v_store, positions, lane_tab, head_tab, m, l_sum, bad, acc,
         scale, h, num_patterns, num_chunks, d, *q.stride()[:2], *k_store.stride()[:2],
-        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8 if block_k * block_d >= 16384 else 4,
+        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=max(4, min(16, block_k * block_d // 1024)),  # 64x128: 8, no spill
     )
     out = torch.empty_like(q)
     _combine_kernel[(b * h,)](m, l_sum, bad, acc, out, num_patterns * num_chunks, d, h, *out.stride()[:2],
