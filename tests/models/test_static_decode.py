@@ -211,6 +211,8 @@ def test_errors():
         cache.fill(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4))
     with pytest.raises(ValueError, match="past max_length"):
         cache.replayed(1)
+    with pytest.raises(ValueError, match="index must hold batch_size=1 rows"):
+        cache.reorder(torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="max_length must be >= 1"):
         _cache(case, 1, 4, max_length=0)
     with pytest.raises(ValueError, match="block_k must be a power of two"):

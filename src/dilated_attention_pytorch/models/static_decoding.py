@@ -218,6 +218,15 @@ class StaticDilatedKVCache:
         self._positions.add_(1)
         return out.to(query.dtype)[:, None]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (beam search), in place: as many rows as before (the buffers are fixed)."""
+        if index.dim() != 1 or index.numel() != self.batch_size:
+            raise ValueError(f"index must hold batch_size={self.batch_size} rows (a fixed-shape cache keeps its "
+                             f"batch), but got shape {tuple(index.shape)}")
+        for x in (self._keys, self._values, self._positions):
+            x.copy_(x.index_select(0, index))
+        self.starts = tuple(self.starts[i] for i in index.tolist())
+
     def _append_torch(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Fixed-shape append: every lane rewrites one row, the new key where the row's phase is the lane's,
         else the row it already holds."""
