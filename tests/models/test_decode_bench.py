@@ -1,5 +1,5 @@
-"""benchmarks/decode_bench.py --smoke runs on CPU and writes its table and plot; the bounded cache's bytes do
-not grow with the context while SDPA's full cache does."""
+"""benchmarks/decode_bench.py --smoke runs on CPU (the CUDA-graph methods eagerly) and writes its table and plot;
+the bounded caches' bytes do not grow with the context while SDPA's full cache does."""
 
 from __future__ import annotations
 
@@ -24,4 +24,8 @@ def test_decode_bench_smoke(tmp_path):
         dil = [r["cache_bytes"] for r in rows if r["method"] == "dilated" and r["batch"] == batch]
         sdpa = [r["cache_bytes"] for r in rows if r["method"] == "sdpa" and r["batch"] == batch]
         assert dil[0] == dil[1] > 0 and sdpa[1] == 4 * sdpa[0]  # contexts 512 and 2048
+        static = [r["cache_bytes"] for r in rows if r["method"] == "dilated-graph" and r["batch"] == batch]
+        assert static[0] == static[1] > 0  # the fixed-shape cache: lanes of one segment, not the context
         assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert {r["method"] for r in rows} == {"dilated", "sdpa", "dilated-graph", "sdpa-graph"}
+    assert not any(r["graph"] for r in rows)  # no CUDA: the graph methods ran eagerly

@@ -76,3 +76,19 @@ def test_bounded_cache_rejects_padded_batches(llama):
 def test_bad_patterns_raise(llama):
     with pytest.raises(ValueError, match="dilation_rates"):
         DilatedCache(llama.config, (4, 8), (1,))
+
+
+def test_generate_with_fixed_shape_cache_equals_no_cache(llama):
+    """``DilatedCache(..., max_length=...)``: fixed-shape layers (the torch path on the CPU) give the greedy
+    tokens and step logits of generation without a cache; beam search (rows reordered in place) gives the
+    default cache's beams."""
+    ids = torch.randint(0, 97, (2, 11))
+    cache = DilatedCache(llama.config, WS, RS, max_length=11 + 30)
+    static, static_scores = _generate(llama, ids, cache=cache)
+    plain, plain_scores = _generate(llama, ids, use_cache=False)
+    assert torch.equal(static, plain)
+    torch.testing.assert_close(static_scores, plain_scores, rtol=1e-9, atol=1e-9)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, num_beams=3, do_sample=False,
+                  pad_token_id=0)
+    beams = llama.generate(ids, cache=DilatedCache(llama.config, WS, RS, max_length=11 + 12), **kwargs)
+    torch.testing.assert_close(beams, llama.generate(ids, **kwargs), rtol=0, atol=0)

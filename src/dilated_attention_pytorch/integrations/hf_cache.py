@@ -7,7 +7,8 @@
 
 Per layer it keeps a :class:`~dilated_attention_pytorch.models.DilatedKVCache`: only the keys future tokens can
 still see (each pattern's current segment, of each head's phase), so memory stays flat however long the
-generation. The prompt's forward pass runs the block path over the prompt; each later step runs the small
+generation; with ``max_length`` (prompt plus new tokens) the fixed-shape
+:class:`~dilated_attention_pytorch.models.StaticDilatedKVCache` (Triton kernels on CUDA, allocated once). The prompt's forward pass runs the block path over the prompt; each later step runs the small
 gather path over the cached rows. The patterns must be those registered for the attention function.
 Importing this module imports transformers (the ``hf`` extra). Padded batches are not supported (a padding
 mask raises ``ValueError``); the default cache handles them.
@@ -16,13 +17,14 @@ mask raises ``ValueError``); the default cache handles them.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import _validation as V
 from ..models.decoding import DilatedKVCache
+from ..models.static_decoding import StaticDilatedKVCache
 from .huggingface import DECODE_KEY
 
 __all__ = ["DilatedCache", "DilatedCacheLayer"]
@@ -35,20 +37,25 @@ class DilatedCacheLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, segment_lengths, dilation_rates, offsets, head_groups, num_heads: int) -> None:
+    def __init__(self, segment_lengths, dilation_rates, offsets, head_groups, num_heads: int,
+                 max_length: Optional[int] = None) -> None:
         super().__init__()
         self.patterns = (segment_lengths, dilation_rates, offsets, head_groups)
-        self.num_heads = num_heads
-        self.cache: Optional[DilatedKVCache] = None
+        self.num_heads, self.max_length = num_heads, max_length
+        self.cache: Optional[Union[DilatedKVCache, StaticDilatedKVCache]] = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         ws, rs, offsets, head_groups = self.patterns
         b, h_kv, _, d = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
-        self.cache = DilatedKVCache(
+        kwargs = dict(
             segment_lengths=ws, dilation_rates=rs, offsets=offsets, head_groups=head_groups, num_heads=self.num_heads,
             num_kv_heads=h_kv, head_dim=d, scale=None, batch_size=b, device=key_states.device, dtype=key_states.dtype,
         )
+        if self.max_length is None:
+            self.cache = DilatedKVCache(**kwargs)
+        else:
+            self.cache = StaticDilatedKVCache(max_length=self.max_length, **kwargs)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, kwargs=None, **extra):
@@ -104,16 +111,20 @@ class DilatedCache(Cache):
     """A ``transformers`` cache whose layers keep only the rows dilated attention can still use.
 
     ``config``: the model's config (``num_attention_heads``); the patterns, offsets and head groups must be
-    those given to :func:`~dilated_attention_pytorch.integrations.huggingface.register_dilated_attention`."""
+    those given to :func:`~dilated_attention_pytorch.integrations.huggingface.register_dilated_attention`.
+    ``max_length``: tokens per row (prompt plus new ones) of fixed-shape layers (one new token per step; beam
+    search keeps its batch); None grows the buffers as keys arrive."""
 
     def __init__(self, config, segment_lengths: Sequence[int], dilation_rates: Sequence[int], *, offsets="paper",
-                 head_groups: bool = False) -> None:
+                 head_groups: bool = False, max_length: Optional[int] = None) -> None:
         segment_lengths, dilation_rates = V.check_patterns(segment_lengths, dilation_rates)
         head_groups = V.check_bool("head_groups", head_groups)
         num_heads = config.get_text_config(decoder=True).num_attention_heads
         offsets = V.check_offsets(offsets, dilation_rates, num_heads, head_groups)
+        if max_length is not None:
+            max_length = V.check_int("max_length", max_length)
         super().__init__(layer_class_to_replicate=partial(
-            DilatedCacheLayer, segment_lengths, dilation_rates, offsets, head_groups, num_heads))
+            DilatedCacheLayer, segment_lengths, dilation_rates, offsets, head_groups, num_heads, max_length))
 
     def numel(self) -> int:
         """Elements held by every layer's key and value buffers (bounded by the patterns)."""

@@ -8,6 +8,7 @@ from .layers import magneto_gamma
 from .lm import LongNetLM
 from .longnet import LongNet
 from .positions import RotaryEmbedding
+from .static_decoding import StaticDilatedKVCache
 
 __all__ = [
     "DecodingState",
@@ -17,5 +18,6 @@ __all__ = [
     "LongNetLM",
     "LongNetLMConfig",
     "RotaryEmbedding",
+    "StaticDilatedKVCache",
     "magneto_gamma",
 ]

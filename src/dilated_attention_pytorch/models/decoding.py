@@ -98,6 +98,12 @@ def active_slots(slots: Sequence[_Slot], by_pattern, t: int):
             yield idx, slots[idx]
 
 
+def spread_kv(slot: _Slot, x: torch.Tensor) -> torch.Tensor:
+    """A buffer ``(b, len(slot.kv_heads), L, d)`` over all key/value heads; a head the slot does not keep
+    gets some kept head's rows, which no query head of it sees (attend_parts masks them)."""
+    return x if slot.kv_spread is None else x.index_select(1, slot.kv_spread)
+
+
 def attend_parts(scale: float, q: torch.Tensor, parts) -> torch.Tensor:
     """One query row per head, q ``(b, h, d)``, against the keys each active (pattern, offset) slot selects:
     ``parts`` holds ``(slot, keys, values, rows)``, keys/values ``(b, h_kv, L, d)``, ``rows`` None (every
@@ -352,12 +358,7 @@ class DilatedKVCache:
             held_rows = torch.tensor(held, device=self.device)[self._row_group]  # (b,)
             seen = torch.arange(size, device=self.device) < held_rows[:, None]  # (b, L)
         keys, values = self._keys[idx][:, :, :size], self._values[idx][:, :, :size]
-        return slot, self._full(slot, keys), self._full(slot, values), seen
-
-    def _full(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
-        """A buffer ``(b, len(slot.kv_heads), L, d)`` over all key/value heads; a head the slot does not keep
-        gets some kept head's rows, which no query head of it sees (attend_parts masks them)."""
-        return x if slot.kv_spread is None else x.index_select(1, slot.kv_spread)
+        return slot, spread_kv(slot, keys), spread_kv(slot, values), seen
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (e.g. after dropping finished sequences or for beam search)."""

@@ -22,6 +22,7 @@ from ..factory import create_dilated_attention, explain_auto
 from ..multihead import BaseMultiheadDilatedAttention
 from .decoding import DilatedKVCache, check_decode_starts
 from .positions import RotaryEmbedding, document_positions
+from .static_decoding import StaticDilatedKVCache
 
 __all__ = ["CrossAttention", "DilatedSelfAttention", "FeedForward", "LongNetBlock", "magneto_gamma"]
 
@@ -62,18 +63,24 @@ class DilatedSelfAttention(BaseMultiheadDilatedAttention):
         self.attention_type = kind
         self.rotary = None if positions is None else RotaryEmbedding(self.head_dim, kind=positions)
 
-    def new_cache(self, batch_size: int, device=None, dtype=torch.float32) -> DilatedKVCache:
+    def new_cache(self, batch_size: int, device=None, dtype=torch.float32, *,
+                  max_length: Optional[int] = None) -> Union[DilatedKVCache, StaticDilatedKVCache]:
+        """A decoding cache; with ``max_length`` (tokens per row, prompt included) the fixed-shape
+        :class:`StaticDilatedKVCache` (one token per step after the prompt, capturable in a CUDA graph)."""
         if self.attention_type not in DECODABLE_TYPES:
             raise ValueError(
                 f"incremental decoding computes dilated attention (types {DECODABLE_TYPES}); this layer uses "
                 f"attention_type={self.attention_type!r}, whose full pass is another function"
             )
         c = self.attention.config
-        return DilatedKVCache(
+        kwargs = dict(
             segment_lengths=c.segment_lengths, dilation_rates=c.dilation_rates, offsets=c.offsets,
             head_groups=c.head_groups, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, scale=c.softmax_scale, batch_size=batch_size, device=device, dtype=dtype,
         )
+        if max_length is None:
+            return DilatedKVCache(**kwargs)
+        return StaticDilatedKVCache(max_length=max_length, **kwargs)
 
     def forward(  # type: ignore[override]
         self,

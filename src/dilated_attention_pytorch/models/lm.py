@@ -101,12 +101,18 @@ class LongNetLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def new_state(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None) -> DecodingState:
-        """An empty decoding state for ``batch_size`` sequences (device/dtype default to the model's)."""
+    def new_state(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None, *,
+                  max_length: Optional[int] = None) -> DecodingState:
+        """An empty decoding state for ``batch_size`` sequences (device/dtype default to the model's). With
+        ``max_length`` (tokens per row, prompt included): fixed-shape caches
+        (:class:`~dilated_attention_pytorch.models.static_decoding.StaticDilatedKVCache`), one token per step
+        after the prompt (run eagerly: the model's rotary positions come from the host's counter, so a CUDA
+        graph of its step would replay the captured positions)."""
         V.check_int("batch_size", batch_size)
         p = self.embed.weight
         return DecodingState([
-            layer.self_attn.new_cache(batch_size, device or p.device, dtype or p.dtype) for layer in self.layers
+            layer.self_attn.new_cache(batch_size, device or p.device, dtype or p.dtype, max_length=max_length)
+            for layer in self.layers
         ])
 
     def forward(self, input_ids: torch.Tensor, state: Optional[DecodingState] = None, *,
