@@ -9,8 +9,8 @@ head ``j`` reads through pattern ``i`` (``-1``: ``j`` does not use ``i``). Row `
 is in lane ``(w, r, o)`` iff ``t % w % r == o``, at index ``(t % w) // r``; entries ``[0, (t % w) // r]`` of the
 lane are then its segment's keys, so a step needs nothing but ``t``.
 
-Attention is a flash-decoding split: one program per (key chunk, pattern, batch row x query head) writes the
-chunk's partial result (largest score, sum of weights, weighted sum of values, largest score of a key with a
+Attention is a flash-decoding split: one program per (key chunk of ``TILES`` tiles, pattern, batch row x query
+head; an online softmax over its tiles, none loaded where the head has no keys) writes the chunk's partial result (largest score, sum of weights, weighted sum of values, largest score of a key with a
 non-finite value); a second kernel merges the partials by log-sum-exp (a key selected by ``C`` patterns lies in
 ``C`` lanes and counts ``C`` times: the full pass's merge). Non-finite values are kept out of the products; a
 head gives NaN where it attends one with a nonzero weight, as ``attend_parts`` does.
@@ -55,9 +55,10 @@ def _append_kernel(k_new, v_new, k_store, v_store, pos_ptr, lane_tab, head_dim,
 @triton.jit
 def _attend_kernel(q_ptr, k_store, v_store, pos_ptr, lane_tab, head_tab, m_ptr, l_ptr, bad_ptr, acc_ptr,
                    scale, num_heads, num_patterns, num_chunks, head_dim, s_qb, s_qh, s_sb, s_sr,
-                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (chunks, patterns, b * h): chunk ``c`` of the lane query head ``j`` of row ``b`` reads through
-    pattern ``i`` (no keys where ``j`` does not use ``i`` or the row's phase is not ``j``'s offset)."""
+                   BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (chunks, patterns, b * h): chunk ``c`` (``TILES`` tiles of ``BLOCK_K`` keys, an online softmax over
+    them) of the lane query head ``j`` of row ``b`` reads through pattern ``i``. A program with no keys (``j``
+    does not use ``i``, the row's phase is not ``j``'s offset, or the lane is shorter) loads no key."""
     c = tl.program_id(0)
     i = tl.program_id(1)
     bh = tl.program_id(2)
@@ -67,26 +68,39 @@ def _attend_kernel(q_ptr, k_store, v_store, pos_ptr, lane_tab, head_tab, m_ptr, 
     t = tl.load(pos_ptr + bb).to(tl.int32)
     base, _, active, idx = _lane_position(lane_tab, tl.maximum(lane, 0), t)
     valid = tl.where(active & (lane >= 0), idx + 1, 0)  # the segment's keys: entries [0, idx] of the lane
-    kk = c * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = kk < valid
+    first = c * (BLOCK_K * TILES)
+    tiles = tl.minimum(tl.maximum(valid - first, 0) + BLOCK_K - 1, BLOCK_K * TILES) // BLOCK_K
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < head_dim
-    ok = k_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + bb.to(tl.int64) * s_qb + j * s_qh + dd, mask=d_ok, other=0.0).to(tl.float32)
-    offs = bb.to(tl.int64) * s_sb + (base + kk).to(tl.int64)[:, None] * s_sr + dd[None, :]
-    keys = tl.load(k_store + offs, mask=ok, other=0.0).to(tl.float32)
-    s = tl.sum(keys * q[None, :], axis=1) * scale
-    s = tl.where(k_ok, s, float("-inf"))
-    has_nan = tl.sum((s != s).to(tl.int32), axis=0) > 0
-    m = tl.where(has_nan, float("nan"), tl.max(s, axis=0))
-    p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m))  # masked keys: 0
-    vals = tl.load(v_store + offs, mask=ok, other=0.0).to(tl.float32)
-    bad = tl.sum(((vals != vals) | (tl.abs(vals) == float("inf"))).to(tl.int32), axis=1) > 0
-    acc = tl.sum(p[:, None] * tl.where(bad[:, None], 0.0, vals), axis=0)
+    m = tl.full([], float("-inf"), tl.float32)  # largest finite score so far
+    l_sum = tl.zeros([], dtype=tl.float32)
+    bad_max = tl.full([], float("-inf"), tl.float32)  # largest score of a key with a non-finite value
+    nan = tl.zeros([], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for tile in range(0, tiles):
+        kk = first + tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = kk < valid
+        ok = k_ok[:, None] & d_ok[None, :]
+        offs = bb.to(tl.int64) * s_sb + (base + kk).to(tl.int64)[:, None] * s_sr + dd[None, :]
+        keys = tl.load(k_store + offs, mask=ok, other=0.0).to(tl.float32)
+        s = tl.sum(keys * q[None, :], axis=1) * scale
+        nan = nan | (tl.sum((s != s).to(tl.int32), axis=0) > 0).to(tl.int32)
+        s = tl.where(k_ok & (s == s), s, float("-inf"))  # a NaN score is flagged, kept out of the sums
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - safe)
+        p = tl.exp(s - safe)  # masked keys: 0
+        vals = tl.load(v_store + offs, mask=ok, other=0.0).to(tl.float32)
+        bad = tl.sum(((vals != vals) | (tl.abs(vals) == float("inf"))).to(tl.int32), axis=1) > 0
+        acc = acc * alpha + tl.sum(p[:, None] * tl.where(bad[:, None], 0.0, vals), axis=0)
+        l_sum = l_sum * alpha + tl.sum(p, axis=0)
+        bad_max = tl.maximum(bad_max, tl.max(tl.where(bad & k_ok, s, float("-inf")), axis=0))
+        m = m_new
     out = (bh * num_patterns + i) * num_chunks + c
-    tl.store(m_ptr + out, m)
-    tl.store(l_ptr + out, tl.sum(p, axis=0))
-    tl.store(bad_ptr + out, tl.max(tl.where(bad & k_ok, s, float("-inf")), axis=0))
+    tl.store(m_ptr + out, tl.where(nan > 0, float("nan"), m))
+    tl.store(l_ptr + out, l_sum)
+    tl.store(bad_ptr + out, bad_max)
     tl.store(acc_ptr + out.to(tl.int64) * head_dim + dd, acc, mask=d_ok)
 
 
@@ -133,9 +147,12 @@ def _block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+TILES = 4  # tiles of block_k keys per program: fewer programs (and partial results) than one tile each
+
+
 def chunks(longest_lane: int, block_k: int) -> int:
-    """Key chunks per (row, head, pattern): enough for the longest lane."""
-    return max(1, -(-longest_lane // block_k))
+    """Key chunks (programs) per (row, head, pattern): enough for the longest lane."""
+    return max(1, -(-longest_lane // (block_k * TILES)))
 
 
 def append(k_new: torch.Tensor, v_new: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
@@ -161,9 +178,11 @@ def attend(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, positi
     _attend_kernel[(num_chunks, num_patterns, b * h)](
         q, k_store, v_store, positions, lane_tab, head_tab, m, l_sum, bad, acc,
         scale, h, num_patterns, num_chunks, d, *q.stride()[:2], *k_store.stride()[:2],
-        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=max(4, min(16, block_k * block_d // 1024)),  # 64x128: 8, no spill
+        BLOCK_K=block_k, TILES=TILES, BLOCK_D=block_d,
+        num_warps=max(4, min(16, block_k * block_d // 1024)),  # 64x128: 8, no spill
     )
     out = torch.empty_like(q)
-    _combine_kernel[(b * h,)](m, l_sum, bad, acc, out, num_patterns * num_chunks, d, h, *out.stride()[:2],
-                              BLOCK_S=16, BLOCK_D=block_d, num_warps=4)
+    parts = num_patterns * num_chunks
+    _combine_kernel[(b * h,)](m, l_sum, bad, acc, out, parts, d, h, *out.stride()[:2],
+                              BLOCK_S=min(64, max(16, 1 << (parts - 1).bit_length())), BLOCK_D=block_d, num_warps=4)
     return out
