@@ -21,12 +21,12 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: Triton's interpreter (tests/conftest.py)
 
 
-def _cache(case, b, d, max_length, *, backend="torch", dtype=torch.float64, device="cpu", block_k=4):
+def _cache(case, b, d, max_length, *, backend="torch", dtype=torch.float64, device="cpu", block_k=16, tiles=1):
     ws, rs, offsets, h, h_kv, head_groups = case
     return StaticDilatedKVCache(
         segment_lengths=ws, dilation_rates=rs, offsets=offsets, head_groups=head_groups, num_heads=h,
         num_kv_heads=h_kv, head_dim=d, scale=None, batch_size=b, max_length=max_length, dtype=dtype,
-        device=device, backend=backend, block_k=block_k,
+        device=device, backend=backend, block_k=block_k, tiles=tiles,
     )
 
 
@@ -88,17 +88,22 @@ KERNEL_CASES = [
 ]
 
 
+LONG_LANES = ((36, 40), (1, 2), "paper", 4, 2, False)  # lanes of up to 36 keys: several tiles or chunks of 16
+
+
 @needs_triton
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=["gqa", "uneven", "groups", "explicit"])
-def test_triton_kernels_equal_the_torch_path(case):
+@pytest.mark.parametrize("case, tiles", [(c, 1) for c in KERNEL_CASES] + [(LONG_LANES, 1), (LONG_LANES, 2)],
+                         ids=["gqa", "uneven", "groups", "explicit", "chunks", "tiles"])
+def test_triton_kernels_equal_the_torch_path(case, tiles):
     """Outputs and both stores, step by step, past the largest segment, rows with different starts, lanes
-    longer than a program's chunk (``block_k=2``)."""
-    b, d, prompt = 2, 8, 4
+    longer than a program's tile (16 keys): split over programs (``tiles=1``) or over a program's tiles."""
+    b, d = 2, 8
+    prompt = max(4, max(case[0]) - 6)  # long lanes from the first step on (interpreted steps are slow)
     starts = [0, random.randint(1, prompt - 1)]
-    n = prompt + max(case[0]) + 1  # the last step is past the largest segment
-    q, k, v = _inputs(case, b, n, d, torch.float32)
+    n = prompt + max(case[0]) + 1 if prompt == 4 else max(case[0]) + 2
+    q, k, v = _inputs(case, b, n, d, torch.float32)  # the last step is past the largest segment
     eager = _cache(case, b, d, n, dtype=torch.float32)
-    kernel = _cache(case, b, d, n, backend="triton", dtype=torch.float32, device=KERNEL_DEVICE, block_k=2)
+    kernel = _cache(case, b, d, n, backend="triton", dtype=torch.float32, device=KERNEL_DEVICE, tiles=tiles)
     for cache, dev in ((eager, "cpu"), (kernel, KERNEL_DEVICE)):
         cache.fill(k[:, :prompt].to(dev), v[:, :prompt].to(dev), sequence_starts=starts)
     for t in range(prompt, n):
@@ -215,8 +220,10 @@ def test_errors():
         cache.reorder(torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="max_length must be >= 1"):
         _cache(case, 1, 4, max_length=0)
-    with pytest.raises(ValueError, match="block_k must be a power of two"):
+    with pytest.raises(ValueError, match="block_k must be a power of two >= 16"):
         _cache(case, 1, 4, max_length=4, block_k=12)
+    with pytest.raises(ValueError, match="block_k must be a power of two >= 16"):
+        _cache(case, 1, 4, max_length=4, block_k=8)
     with pytest.raises(ValueError, match="backend must be one of"):
         _cache(case, 1, 4, max_length=4, backend="cuda")
 

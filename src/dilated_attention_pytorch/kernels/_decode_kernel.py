@@ -9,8 +9,9 @@ head ``j`` reads through pattern ``i`` (``-1``: ``j`` does not use ``i``). Row `
 is in lane ``(w, r, o)`` iff ``t % w % r == o``, at index ``(t % w) // r``; entries ``[0, (t % w) // r]`` of the
 lane are then its segment's keys, so a step needs nothing but ``t``.
 
-Attention is a flash-decoding split: one program per (key chunk of ``TILES`` tiles, pattern, batch row x query
-head; an online softmax over its tiles, none loaded where the head has no keys) writes the chunk's partial result (largest score, sum of weights, weighted sum of values, largest score of a key with a
+Attention is a flash-decoding split: one program per (key chunk of ``TILES`` tiles, pattern, batch row x key/value
+head; an online softmax over its tiles, its query heads as the rows of tensor-core dots, no key loaded where no head
+has keys) writes per query head the chunk's partial result (largest score, sum of weights, weighted sum of values, largest score of a key with a
 non-finite value); a second kernel merges the partials by log-sum-exp (a key selected by ``C`` patterns lies in
 ``C`` lanes and counts ``C`` times: the full pass's merge). Non-finite values are kept out of the products; a
 head gives NaN where it attends one with a nonzero weight, as ``attend_parts`` does.
@@ -54,54 +55,72 @@ def _append_kernel(k_new, v_new, k_store, v_store, pos_ptr, lane_tab, head_dim,
 
 @triton.jit
 def _attend_kernel(q_ptr, k_store, v_store, pos_ptr, lane_tab, head_tab, m_ptr, l_ptr, bad_ptr, acc_ptr,
-                   scale, num_heads, num_patterns, num_chunks, head_dim, s_qb, s_qh, s_sb, s_sr,
-                   BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (chunks, patterns, b * h): chunk ``c`` (``TILES`` tiles of ``BLOCK_K`` keys, an online softmax over
-    them) of the lane query head ``j`` of row ``b`` reads through pattern ``i``. A program with no keys (``j``
-    does not use ``i``, the row's phase is not ``j``'s offset, or the lane is shorter) loads no key."""
+                   scale, num_heads, num_kv_heads, group, num_patterns, num_chunks, head_dim, s_qb, s_qh, s_sb, s_sr,
+                   BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_D: tl.constexpr,
+                   IEEE: tl.constexpr):
+    """Grid (chunks, patterns, b * h_kv): chunk ``c`` (``TILES`` tiles of ``BLOCK_K`` keys, an online softmax over
+    them) of the lane that the ``group`` query heads of key/value head ``kv`` of row ``b`` read through pattern
+    ``i``, the heads as the rows of tensor-core dots. The heads whose offset is the row's phase read one lane
+    (the slot of that offset, key/value head ``kv``); the others have no keys here. A program without keys (no
+    such head, or the lane shorter than its chunk) loads no key."""
     c = tl.program_id(0)
     i = tl.program_id(1)
-    bh = tl.program_id(2)
-    bb = bh // num_heads
-    j = bh % num_heads
-    lane = tl.load(head_tab + i * num_heads + j)
+    bkv = tl.program_id(2)
+    bb = bkv // num_kv_heads
+    gg = tl.arange(0, BLOCK_G)
+    g_ok = gg < group
+    j = (bkv % num_kv_heads) * group + gg  # query heads
+    lane = tl.load(head_tab + i * num_heads + j, mask=g_ok, other=-1)
     t = tl.load(pos_ptr + bb).to(tl.int32)
-    base, _, active, idx = _lane_position(lane_tab, tl.maximum(lane, 0), t)
-    valid = tl.where(active & (lane >= 0), idx + 1, 0)  # the segment's keys: entries [0, idx] of the lane
+    row = lane_tab + 5 * tl.maximum(lane, 0)
+    within = t % tl.load(row)
+    active = (lane >= 0) & (within % tl.load(row + 1) == tl.load(row + 2))  # (G,)
+    valid = tl.max(tl.where(active, within // tl.load(row + 1) + 1, 0), axis=0)  # the active heads' one lane
+    base = tl.max(tl.where(active, tl.load(row + 3), 0), axis=0)
     first = c * (BLOCK_K * TILES)
     tiles = tl.minimum(tl.maximum(valid - first, 0) + BLOCK_K - 1, BLOCK_K * TILES) // BLOCK_K
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < head_dim
-    q = tl.load(q_ptr + bb.to(tl.int64) * s_qb + j * s_qh + dd, mask=d_ok, other=0.0).to(tl.float32)
-    m = tl.full([], float("-inf"), tl.float32)  # largest finite score so far
-    l_sum = tl.zeros([], dtype=tl.float32)
-    bad_max = tl.full([], float("-inf"), tl.float32)  # largest score of a key with a non-finite value
-    nan = tl.zeros([], dtype=tl.int32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    q = tl.load(q_ptr + bb.to(tl.int64) * s_qb + j[:, None] * s_qh + dd[None, :], mask=g_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # largest finite score so far
+    l_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+    bad_max = tl.full([BLOCK_G], float("-inf"), tl.float32)  # largest score of a key with a non-finite value
+    nan = tl.zeros([BLOCK_G], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for tile in range(0, tiles):
         kk = first + tile * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = kk < valid
         ok = k_ok[:, None] & d_ok[None, :]
         offs = bb.to(tl.int64) * s_sb + (base + kk).to(tl.int64)[:, None] * s_sr + dd[None, :]
-        keys = tl.load(k_store + offs, mask=ok, other=0.0).to(tl.float32)
-        s = tl.sum(keys * q[None, :], axis=1) * scale
-        nan = nan | (tl.sum((s != s).to(tl.int32), axis=0) > 0).to(tl.int32)
-        s = tl.where(k_ok & (s == s), s, float("-inf"))  # a NaN score is flagged, kept out of the sums
-        m_new = tl.maximum(m, tl.max(s, axis=0))
+        keys = tl.load(k_store + offs, mask=ok, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale  # (G, K)
+        else:
+            s = tl.dot(q, tl.trans(keys)) * scale
+        seen = active[:, None] & k_ok[None, :]
+        nan = nan | tl.max(((s != s) & seen).to(tl.int32), axis=1)
+        s = tl.where(seen & (s == s), s, float("-inf"))  # a NaN score is flagged, kept out of the sums
+        m_new = tl.maximum(m, tl.max(s, axis=1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - safe)
-        p = tl.exp(s - safe)  # masked keys: 0
-        vals = tl.load(v_store + offs, mask=ok, other=0.0).to(tl.float32)
-        bad = tl.sum(((vals != vals) | (tl.abs(vals) == float("inf"))).to(tl.int32), axis=1) > 0
-        acc = acc * alpha + tl.sum(p[:, None] * tl.where(bad[:, None], 0.0, vals), axis=0)
-        l_sum = l_sum * alpha + tl.sum(p, axis=0)
-        bad_max = tl.maximum(bad_max, tl.max(tl.where(bad & k_ok, s, float("-inf")), axis=0))
+        p = tl.exp(s - safe[:, None])  # keys not seen: 0
+        vals = tl.load(v_store + offs, mask=ok, other=0.0)
+        finite = (vals == vals) & (tl.abs(vals.to(tl.float32)) != float("inf"))
+        bad = tl.max((~finite).to(tl.int32), axis=1) > 0  # (K,): a non-finite value, kept out of the product
+        clean = tl.where(finite, vals, 0.0).to(vals.dtype)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), clean, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), clean)
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        bad_max = tl.maximum(bad_max, tl.max(tl.where(bad[None, :], s, float("-inf")), axis=1))
         m = m_new
-    out = (bh * num_patterns + i) * num_chunks + c
-    tl.store(m_ptr + out, tl.where(nan > 0, float("nan"), m))
-    tl.store(l_ptr + out, l_sum)
-    tl.store(bad_ptr + out, bad_max)
-    tl.store(acc_ptr + out.to(tl.int64) * head_dim + dd, acc, mask=d_ok)
+    out = ((bb * num_heads + j) * num_patterns + i) * num_chunks + c  # (G,)
+    tl.store(m_ptr + out, tl.where(nan > 0, float("nan"), m), mask=g_ok)
+    tl.store(l_ptr + out, l_sum, mask=g_ok)
+    tl.store(bad_ptr + out, bad_max, mask=g_ok)
+    tl.store(acc_ptr + out.to(tl.int64)[:, None] * head_dim + dd[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -150,9 +169,9 @@ def _block_d(head_dim: int) -> int:
 TILES = 4  # tiles of block_k keys per program: fewer programs (and partial results) than one tile each
 
 
-def chunks(longest_lane: int, block_k: int) -> int:
-    """Key chunks (programs) per (row, head, pattern): enough for the longest lane."""
-    return max(1, -(-longest_lane // (block_k * TILES)))
+def chunks(longest_lane: int, block_k: int, tiles: int = TILES) -> int:
+    """Key chunks (programs) per (row, key/value head, pattern): enough for the longest lane."""
+    return max(1, -(-longest_lane // (block_k * tiles)))
 
 
 def append(k_new: torch.Tensor, v_new: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
@@ -167,19 +186,20 @@ def append(k_new: torch.Tensor, v_new: torch.Tensor, k_store: torch.Tensor, v_st
 
 def attend(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, positions: torch.Tensor,
            lane_tab: torch.Tensor, head_tab: torch.Tensor, partials: tuple[torch.Tensor, ...], scale: float,
-           block_k: int) -> torch.Tensor:
-    """q ``(b, h, d)`` (unit stride in ``d``) at the rows' positions -> out ``(b, h, d)`` in q's dtype.
+           block_k: int, num_kv_heads: int, tiles: int = TILES) -> torch.Tensor:
+    """q ``(b, h, d)`` (unit stride in ``d``, the stores' dtype) at the rows' positions -> out ``(b, h, d)``.
     ``partials``: float32 buffers ``m, l, bad (b * h * patterns * chunks,)`` and ``acc (..., d)``."""
     b, h, d = q.shape
     num_patterns = head_tab.shape[0]
     m, l_sum, bad, acc = partials
     num_chunks = m.numel() // (b * h * num_patterns)
     block_d = _block_d(d)
-    _attend_kernel[(num_chunks, num_patterns, b * h)](
+    group = h // num_kv_heads
+    _attend_kernel[(num_chunks, num_patterns, b * num_kv_heads)](
         q, k_store, v_store, positions, lane_tab, head_tab, m, l_sum, bad, acc,
-        scale, h, num_patterns, num_chunks, d, *q.stride()[:2], *k_store.stride()[:2],
-        BLOCK_K=block_k, TILES=TILES, BLOCK_D=block_d,
-        num_warps=max(4, min(16, block_k * block_d // 1024)),  # 64x128: 8, no spill
+        scale, h, num_kv_heads, group, num_patterns, num_chunks, d, *q.stride()[:2], *k_store.stride()[:2],
+        BLOCK_G=max(16, 1 << (group - 1).bit_length()), BLOCK_K=block_k, TILES=tiles, BLOCK_D=block_d,
+        IEEE=q.dtype == torch.float32, num_warps=4,
     )
     out = torch.empty_like(q)
     parts = num_patterns * num_chunks

@@ -45,7 +45,8 @@ class StaticDilatedKVCache:
 
     ``backend``: ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (not capturable: its
     shapes follow the positions) or ``"auto"`` (Triton on CUDA when triton is installed, else torch).
-    ``block_k``: keys per Triton program (64 keeps a 128-wide head's tile in registers on an H100/H200).
+    ``block_k``: keys per tile of a Triton program (a power of two >= 16: the tiles are tensor-core dots);
+    ``tiles``: tiles per program (a program's chunk of a lane is ``block_k * tiles`` keys).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class StaticDilatedKVCache:
         dtype: torch.dtype = torch.float32,
         backend: str = "auto",
         block_k: int = 64,
+        tiles: int = 4,
     ) -> None:
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -72,8 +74,9 @@ class StaticDilatedKVCache:
         if self.max_length >= 2**31:
             raise ValueError(f"max_length must be < 2**31 (positions are int32 in the kernels), but got {max_length}")
         block_k = V.check_int("block_k", block_k)
-        if block_k & (block_k - 1):
-            raise ValueError(f"block_k must be a power of two, but got {block_k}")
+        if block_k & (block_k - 1) or block_k < 16:
+            raise ValueError(f"block_k must be a power of two >= 16, but got {block_k}")
+        self.tiles = V.check_int("tiles", tiles, minimum=1)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.batch_size, self.dtype, self.block_k = batch_size, dtype, block_k
         self.device = torch.device("cpu") if device is None else torch.device(device)
@@ -93,7 +96,7 @@ class StaticDilatedKVCache:
             from ..kernels._decode_kernel import chunks
 
             longest = max(cap for _, cap in self._slot_rows)
-            parts = batch_size * num_heads * len(segment_lengths) * chunks(longest, block_k)
+            parts = batch_size * num_heads * len(segment_lengths) * chunks(longest, block_k, self.tiles)
             self._partials = tuple(torch.empty(n, dtype=torch.float32, device=self.device)
                                    for n in (parts, parts, parts, parts * head_dim))
 
@@ -211,7 +214,7 @@ class StaticDilatedKVCache:
             q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
             K.append(k, v, self._keys, self._values, self._positions, self._lane_tab)
             out = K.attend(q, self._keys, self._values, self._positions, self._lane_tab, self._head_tab,
-                           self._partials, self.scale, self.block_k)
+                           self._partials, self.scale, self.block_k, self.num_kv_heads, self.tiles)
         else:
             self._append_torch(k, v)
             out = self._attend_torch(q, column)
