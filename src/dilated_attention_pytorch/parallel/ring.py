@@ -78,25 +78,37 @@ class _RingExchange:
         recvs = list(zip([p for p, _ in plan.recvs], recv.split(w.recv_sizes)))
         works = self._transfer(sends, recvs, FORWARD_ROWS)
         self._count(sends, recvs, True)
-        return works, recv, w, k.shape[0], k.device
+        return works, recv, w, (k, v, key_valid)
 
     def wait(self, pending):
-        works, recv, w, b, device = pending
-        self._wait(works, device)
-        sizes = [b * h * n for h, n in w.call_shapes]
-        rows = recv.view(-1, w.head_dim)
-        ks = rows.index_select(0, w.call_k).split(sizes)
-        vs = rows.index_select(0, w.call_v).split(sizes)
-        ms = [None] * len(sizes) if w.call_mask is None else \
-            (recv.index_select(0, w.call_mask) > 0.5).split([b * n for _, n in w.call_shapes])
-        return [(kc.view(b, h, n, -1), vc.view(b, h, n, -1), None if mc is None else mc.view(b, n))
-                for kc, vc, mc, (h, n) in zip(ks, vs, ms, w.call_shapes)]
+        works, recv, w, (k, v, key_valid) = pending
+        b, d = k.shape[0], k.shape[-1]
+        self._wait(works, k.device)
+        shapes = w.call_shapes
+        own_sizes, sizes = [b * h * m for h, m, _ in shapes], [b * h * n for h, _, n in shapes]
+        rows = recv.view(-1, d)
+        spaces = []
+        for x, x_rows, idx in ((k, rows, w.call_k), (v, rows, w.call_v)):
+            own = x.reshape(-1, d).index_select(0, w.own_rows).split(own_sizes)
+            got = x_rows.index_select(0, idx).split(sizes)
+            # per call its own rows (with_own), then the received rows: (b, H, L_own + L, d)
+            spaces.append([torch.cat([o.view(b, h, m, d), g.view(b, h, n, d)], 2) if m else g.view(b, h, n, d)
+                           for o, g, (h, m, n) in zip(own, got, shapes)])
+        masks: list = [None] * len(shapes)
+        if w.call_mask is not None:
+            own = key_valid.reshape(-1).index_select(0, w.own_mask).split([b * m for _, m, _ in shapes])
+            got = (recv.index_select(0, w.call_mask) > 0.5).split([b * n for _, _, n in shapes])
+            masks = [torch.cat([o.view(b, m), g.view(b, n)], 1) for o, g, (_, m, n) in zip(own, got, shapes)]
+        return list(zip(spaces[0], spaces[1], masks))
 
     def post_grads(self, grads, like):
         plan, d = self.plan, like.shape[-1]
         w = wire(plan, like.shape[0], like.shape[2], d, False, like.device)
         acc = torch.zeros(w.grad_recv_rows, d, dtype=grads[0][0].dtype if grads else torch.float32,
                           device=like.device)
+        own = [[g[:, :, :m].reshape(-1, d) for (g, _), (_, m, _) in zip(grads, w.call_shapes)],
+               [g[:, :, :m].reshape(-1, d) for (_, g), (_, m, _) in zip(grads, w.call_shapes)]]
+        grads = [(gk[:, :, m:], gv[:, :, m:]) for (gk, gv), (_, m, _) in zip(grads, w.call_shapes)]
         if grads:  # every call's key and value gradients, summed into the rows they came in
             acc.index_add_(0, torch.cat([w.grad_k, w.grad_v]),
                            torch.cat([g.reshape(-1, d) for g, _ in grads] + [g.reshape(-1, d) for _, g in grads]))
@@ -106,21 +118,29 @@ class _RingExchange:
         recvs = [(p, buf.reshape(-1)) for p, buf in zip([p for p, _ in plan.sends], recv.split(w.grad_send_split))]
         works = self._transfer(sends, recvs, BACKWARD_GRADS)
         self._count(sends, recvs, False)
-        return works, recv, w
+        return works, recv, w, [torch.cat(x) if x else None for x in own]
 
     def finish_grads(self, pending, dk, dv):
-        works, recv, w = pending
+        works, recv, w, own = pending
+        for target, rows in zip((dk, dv), own):  # the calls' own rows: this rank's keys
+            if rows is not None and rows.numel():
+                _add_rows(target, w.own_rows, rows)
         self._wait(works, dk.device)
         if not recv.numel():
             return
         for target, pos in ((dk, w.grad_send_kpos), (dv, w.grad_send_vpos)):
-            grads = recv.index_select(0, pos).to(target.dtype)
-            if target.is_contiguous():
-                target.view(-1, target.shape[-1]).index_add_(0, w.send_rows, grads)
-            else:
-                flat = torch.zeros(target.numel() // target.shape[-1], target.shape[-1], dtype=target.dtype,
-                                   device=target.device)
-                target.add_(flat.index_add_(0, w.send_rows, grads).view(target.shape))
+            _add_rows(target, w.send_rows, recv.index_select(0, pos))
+
+
+def _add_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``target.view(-1, d)[index] += rows`` (repeated indices add up), for any strides of ``target``."""
+    rows = rows.to(target.dtype)
+    if target.is_contiguous():
+        target.view(-1, target.shape[-1]).index_add_(0, index, rows)
+    else:
+        flat = torch.zeros(target.numel() // target.shape[-1], target.shape[-1], dtype=target.dtype,
+                           device=target.device)
+        target.add_(flat.index_add_(0, index, rows).view(target.shape))
 
 
 def ring_program(plan: RingPlan, exchange_: Exchange, kernel: BlockKernel, remote_kernel: BlockKernel,
@@ -148,9 +168,10 @@ def ring_program(plan: RingPlan, exchange_: Exchange, kernel: BlockKernel, remot
         phases = tuple(lo % w for w, _ in plan.patterns)
         full = tuple(max(0, (min(lo + plan.n_local, n // w * w) - -(-lo // w) * w) // w) for w, _ in plan.patterns)
         # a second table row for each pattern with received rows: their partial results, for the same rows
-        second = sorted({c.slot[0] for c in plan.remote_calls})
+        second = sorted({c.slot[0] for c in plan.remote_calls if not c.with_own})
         rows = list(range(k)) + second
-        slots = plan.own_slots + tuple((k + second.index(c.slot[0]), c.slot[1], c.slot[2]) for c in plan.remote_calls)
+        slots = plan.own_slots + tuple(c.slot if c.with_own else (k + second.index(c.slot[0]), c.slot[1], c.slot[2])
+                                       for c in plan.remote_calls)
         gather = Gather(tuple(plan.patterns[i][0] for i in rows), tuple(plan.patterns[i][1] for i in rows),
                         tuple(phases[i] for i in rows), tuple(full[i] for i in rows), slots)
     return Program((Group(tuple(tasks), gather=gather),), scale, grads_in_input_dtype=fused, exchange=exchange_)

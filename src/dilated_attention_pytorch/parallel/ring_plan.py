@@ -55,6 +55,8 @@ class RemoteCall:
     keys: tuple[tuple[tuple[int, ...], int], ...]  # per query head: (indices into RingPlan.recv_transfers,
     # the key/value head: index into those transfers' kv_heads); every head the same number of keys
     slot: tuple[int, int, int]  # (pattern, kind, offset) of q_rows, as RingPlan.own_slots
+    with_own: bool = False  # the keys also hold this rank's own rows of the segment (first), and q_rows is
+    # no own block: one call per segment instead of two (non-causal, no core)
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: plans are cached, one object per call's settings
@@ -258,10 +260,12 @@ def _ring_plan(
             heads = slice(r * m, r * m + len(items))
             mine = Block(RowSpan(mine.span.start, 1, rows * r, rows), -1, r, heads, heads, slot[0], m)
             slot = (slot[0], slot[1], -1)
-        own.append(mine)
-        own_slots.append(slot)
+        with_own = bool(keys[0][0]) and not is_causal and not with_core
+        if not with_own:
+            own.append(mine)
+            own_slots.append(slot)
         if keys[0][0]:
-            calls.append(RemoteCall(mine, tuple(keys), slot))
+            calls.append(RemoteCall(mine, tuple(keys), slot, with_own))
     core = (core_a - lo, core_b - lo)
     return RingPlan(world, rank, n_local, n, local_only, core, tuple(own), sends, recvs, tuple(calls),
                     tuple(patterns.get(i, (1, 1)) for i in range(max(patterns) + 1)), tuple(own_slots), num_heads)

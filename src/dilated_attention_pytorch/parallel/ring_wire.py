@@ -35,7 +35,9 @@ class Wire:
     call_k: torch.Tensor  # rows of the receive buffer (as (-1, d)) of every call's keys, kernel order
     call_v: torch.Tensor
     call_mask: Optional[torch.Tensor]  # elements of the receive buffer of every call's key mask (b, L)
-    call_shapes: tuple[tuple[int, int], ...]  # (H, L) per call
+    call_shapes: tuple[tuple[int, int, int], ...]  # (H, own rows L_own, received rows L) per call
+    own_rows: torch.Tensor  # rows of k.view(-1, d) of the calls' own keys (calls with_own), kernel order
+    own_mask: Optional[torch.Tensor]  # positions of key_valid.view(-1) of those keys, (b, L_own) per call
     grad_k: torch.Tensor  # call_k, call_v in the gradients' layout (no mask parts)
     grad_v: torch.Tensor
     grad_recv_rows: int  # rows of the gradients this rank sends back (its receive side, no mask)
@@ -92,7 +94,17 @@ def _wire(plan: RingPlan, b: int, h_kv: int, d: int, with_mask: bool) -> Wire:
     grad_send_bases, grad_send_sizes = _message_bases(plan.sends, b, d, False)
     flat = plan.recv_transfers
     call_k, call_v, call_mask, grad_k, grad_v, shapes = [], [], [], [], [], []
+    own_rows, own_mask = [], []
+    qpk = plan.num_heads // h_kv
     for call in plan.remote_calls:
+        blk, own_len = call.q_rows, call.q_rows.span.rows if call.with_own else 0
+        if own_len:  # this rank's rows of the segment: per head of the call, its offset's rows
+            heads = torch.tensor(blk.head_list(plan.num_heads))
+            shift = torch.arange(len(heads)) if blk.diag_m is not None else torch.zeros(len(heads), dtype=torch.long)
+            pos = blk.span.start + shift[:, None] + blk.dilation * torch.arange(own_len)[None, :]  # (H, L_own)
+            batch_pos = torch.arange(b)[:, None, None] * n_local + pos[None]  # (b, H, L_own)
+            own_rows.append(batch_pos * h_kv + (heads // qpk)[None, :, None])
+            own_mask.append(batch_pos[:, 0])
         parts = {name: [] for name in ("k", "v", "m", "gk", "gv")}
         for idx, sel in call.keys:  # per query head: its keys, (b, L)
             head = {name: [] for name in parts}
@@ -109,7 +121,7 @@ def _wire(plan: RingPlan, b: int, h_kv: int, d: int, with_mask: bool) -> Wire:
         for name, out in (("k", call_k), ("v", call_v), ("gk", grad_k), ("gv", grad_v)):
             out.append(torch.stack(parts[name], 1).reshape(-1))  # (b, H, L)
         call_mask.append(parts["m"][0].reshape(-1))  # one key mask: every head has the same keys (see ring_plan)
-        shapes.append((len(call.keys), parts["k"][0].shape[1]))
+        shapes.append((len(call.keys), own_len, parts["k"][0].shape[1]))
     kpos, vpos = [], []
     for t, (k0, v0, _) in zip([t for _, ts in plan.sends for t in ts], grad_send_bases):
         rows = _transfer_rows(t, b).reshape(-1)
@@ -119,6 +131,7 @@ def _wire(plan: RingPlan, b: int, h_kv: int, d: int, with_mask: bool) -> Wire:
         d, tuple(send_sizes), tuple(recv_sizes), _cat(send_rows), tuple(send_split),
         _cat(send_mask) if with_mask else None, tuple(mask_split), tuple(mask_pad),
         _cat(call_k), _cat(call_v), _cat(call_mask) if with_mask else None, tuple(shapes),
+        _cat(own_rows), _cat(own_mask) if with_mask else None,
         _cat(grad_k), _cat(grad_v), sum(grad_recv_sizes) // d, tuple(s // d for s in grad_recv_sizes),
         _cat(kpos), _cat(vpos), tuple(s // d for s in grad_send_sizes),
     )
