@@ -65,52 +65,47 @@ class Stack:
         return x + F.linear(attn.reshape(x.shape), self.w[i][3])
 
 
-def _dilated(stack, a, batch, context, device, dtype):
-    """-> (seconds per token, cache bytes): bounded caches filled to ``context - steps``, then ``steps`` tokens."""
-    start = context - a.steps - a.warmup
+def _filled_caches(cls, a, batch, start, device, dtype, **extra):
+    """One cache of ``cls`` per layer, filled with ``start`` tokens of random keys/values."""
     caches = []
     for _ in range(a.layers):
-        c = DilatedKVCache(segment_lengths=a.segments, dilation_rates=a.dilations, offsets="paper", head_groups=False,
-                           num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim, scale=None,
-                           batch_size=batch, device=device, dtype=dtype)
+        c = cls(segment_lengths=a.segments, dilation_rates=a.dilations, offsets="paper", head_groups=False,
+                num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim, scale=None, batch_size=batch,
+                device=device, dtype=dtype, **extra)
         row = torch.randn(batch, 1, a.kv_heads, a.head_dim, device=device, dtype=dtype)
         c.fill(row.expand(batch, start, -1, -1), row.expand(batch, start, -1, -1))  # only the kept rows are copied
         caches.append(c)
+    return caches
 
+
+def _cached_step(stack, caches):
     def step(x):
         for i, c in enumerate(caches):
             q, k, v = stack.qkv(i, x)
             x = stack.out(i, x, c.attend(q, k, v))
         return x
 
-    seconds = _time(step, batch, stack.e, a, device, dtype)
+    return step
+
+
+def _dilated(stack, a, batch, context, device, dtype):
+    """-> (seconds per token, cache bytes): bounded caches filled to ``context - steps``, then ``steps`` tokens."""
+    caches = _filled_caches(DilatedKVCache, a, batch, context - a.steps - a.warmup, device, dtype)
+    seconds = _time(_cached_step(stack, caches), batch, stack.e, a, device, dtype)
     return seconds, sum(c.numel() for c in caches) * torch.finfo(dtype).bits // 8
 
 
 def _dilated_graph(stack, a, batch, context, device, dtype):
     """-> (seconds per token, cache bytes): ``StaticDilatedKVCache`` per layer (room for ``context`` tokens),
     filled to ``context - steps - 2 * warmup``; the stack's step captured in a CUDA graph and replayed."""
-    start = context - a.steps - 2 * a.warmup
-    caches = []
-    for _ in range(a.layers):
-        c = StaticDilatedKVCache(segment_lengths=a.segments, dilation_rates=a.dilations, offsets="paper",
-                                 head_groups=False, num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim,
-                                 scale=None, batch_size=batch, max_length=context, device=device, dtype=dtype)
-        row = torch.randn(batch, 1, a.kv_heads, a.head_dim, device=device, dtype=dtype)
-        c.fill(row.expand(batch, start, -1, -1), row.expand(batch, start, -1, -1))
-        caches.append(c)
-
-    def step(x):
-        for i, c in enumerate(caches):
-            q, k, v = stack.qkv(i, x)
-            x = stack.out(i, x, c.attend(q, k, v))
-        return x
+    caches = _filled_caches(StaticDilatedKVCache, a, batch, context - a.steps - 2 * a.warmup, device, dtype,
+                            max_length=context)
 
     def replayed():
         for c in caches:
             c.replayed()
 
-    seconds = _time_graph(step, replayed, batch, stack.e, a, device, dtype)
+    seconds = _time_graph(_cached_step(stack, caches), replayed, batch, stack.e, a, device, dtype)
     return seconds, sum(c.numel() for c in caches) * torch.finfo(dtype).bits // 8
 
 

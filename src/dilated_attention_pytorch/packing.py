@@ -2,8 +2,8 @@
 
 Packed documents make many small block calls: a document shorter than a segment, or its last segment,
 gives each offset of a dilated pattern a few hundred rows for one or two heads, a kernel launch that
-fills a few of the GPU's multiprocessors. :func:`pack_tasks` takes such tasks out of their groups; the
-executor runs all of them as ONE variable-length call (FlashAttention's ``cu_seqlens`` layout): their
+fills a few of the GPU's multiprocessors. :func:`pack_tasks` picks such tasks (they stay in their groups,
+whose merge reads their results); the executor runs all of them as ONE variable-length call (FlashAttention's ``cu_seqlens`` layout): their
 rows are gathered into one ``(T, 1, D)`` tensor, each (task, segment, head) its own sequence, by an
 index built once per program. Their outputs and LSEs come back as views in each task's kernel layout
 ``(B, H, L, ·)`` for the group's merge; in backward one variable-length call with the merged outputs

@@ -172,7 +172,32 @@ def decode_attention(
     return torch.stack(outs, dim=1).to(query.dtype)
 
 
-class DilatedKVCache:
+class _DecodeCache:
+    """What both decoding caches share: the layer's shapes, device, dtype, scale and (pattern, offset) slots,
+    the host's column counter, and the checks of a step's inputs."""
+
+    def _setup(self, segment_lengths, dilation_rates, offsets, head_groups, num_heads: int, num_kv_heads: int,
+               head_dim: int, scale: Optional[float], batch_size: int, device, dtype: torch.dtype) -> None:
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.batch_size, self.dtype = batch_size, dtype
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.scale = head_dim**-0.5 if scale is None else float(scale)
+        self.position = 0  # column of the next token (its position in a row that starts at column 0)
+        self._slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads,
+                                   self.device)
+
+    def _check(self, name: str, x: torch.Tensor, heads: int) -> None:
+        expected = (self.batch_size, heads, self.head_dim)
+        if x.dim() != 4 or (x.shape[0], x.shape[2], x.shape[3]) != expected:
+            raise ValueError(
+                f"{name} must have shape (batch={self.batch_size}, seq, heads={heads}, head_dim={self.head_dim}), "
+                f"but got {tuple(x.shape)}"
+            )
+
+
+class DilatedKVCache(_DecodeCache):
     """Cache of one causal dilated self-attention layer for ``batch_size`` sequences decoded in step.
 
     Use: :meth:`fill` after a full causal pass over a prompt at positions ``0..n-1`` (or start empty),
@@ -201,16 +226,9 @@ class DilatedKVCache:
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.batch_size, self.dtype = batch_size, dtype
-        self.device = torch.device("cpu") if device is None else torch.device(device)
-        self.scale = head_dim**-0.5 if scale is None else float(scale)
-        self.position = 0  # column of the next token (its position in a row that starts at column 0)
+        self._setup(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, head_dim, scale,
+                    batch_size, device, dtype)
         self._set_starts((0,) * batch_size)
-        self._slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads,
-                                   self.device)
         self._by_pattern = slots_by_pattern(self._slots)
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
@@ -272,14 +290,6 @@ class DilatedKVCache:
             new = old.new_zeros(old.shape[0], old.shape[1], size, old.shape[3])
             new[:, :, :held] = old
             buffers[idx] = new
-
-    def _check(self, name: str, x: torch.Tensor, heads: int) -> None:
-        expected = (self.batch_size, heads, self.head_dim)
-        if x.dim() != 4 or (x.shape[0], x.shape[2], x.shape[3]) != expected:
-            raise ValueError(
-                f"{name} must have shape (batch={self.batch_size}, seq, heads={heads}, head_dim={self.head_dim}), "
-                f"but got {tuple(x.shape)}"
-            )
 
     def fill(self, key: torch.Tensor, value: torch.Tensor, sequence_starts=None) -> None:
         """Take the keys/values ``(b, n, h_kv, d)`` of a prompt's full causal pass: columns ``0..n-1``, or with

@@ -27,14 +27,14 @@ import torch
 
 from .. import _validation as V
 from ..patterns import OffsetRule
-from .decoding import attend_parts, check_decode_starts, decode_slots, spread_kv
+from .decoding import _DecodeCache, attend_parts, check_decode_starts, spread_kv
 
 __all__ = ["StaticDilatedKVCache"]
 
 BACKENDS = ("auto", "triton", "torch")
 
 
-class StaticDilatedKVCache:
+class StaticDilatedKVCache(_DecodeCache):
     """:class:`~.decoding.DilatedKVCache` at fixed shapes for rows of at most ``max_length`` tokens (prompt plus
     generated, padding not counted): buffers allocated once, one token per :meth:`attend`, positions on the device.
 
@@ -68,8 +68,8 @@ class StaticDilatedKVCache:
         block_k: int = 64,
         tiles: int = 4,
     ) -> None:
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self._setup(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads, head_dim, scale,
+                    batch_size, device, dtype)
         self.max_length = V.check_int("max_length", max_length)
         if self.max_length >= 2**31:
             raise ValueError(f"max_length must be < 2**31 (positions are int32 in the kernels), but got {max_length}")
@@ -77,15 +77,9 @@ class StaticDilatedKVCache:
         if block_k & (block_k - 1) or block_k < 16:
             raise ValueError(f"block_k must be a power of two >= 16, but got {block_k}")
         self.tiles = V.check_int("tiles", tiles, minimum=1)
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.batch_size, self.dtype, self.block_k = batch_size, dtype, block_k
-        self.device = torch.device("cpu") if device is None else torch.device(device)
-        self.scale = head_dim**-0.5 if scale is None else float(scale)
+        self.block_k = block_k
         self.backend = _resolve_backend(V.check_choice("backend", backend, BACKENDS), self.device)
-        self.position = 0  # host counter: column of the next token
         self.starts: tuple[int, ...] = (0,) * batch_size  # per row the column of its first token
-        self._slots = decode_slots(segment_lengths, dilation_rates, offsets, head_groups, num_heads, num_kv_heads,
-                                   self.device)
         self._build_lanes(len(segment_lengths))
         shape = (batch_size, self._rows, head_dim)
         self._keys = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -132,14 +126,6 @@ class StaticDilatedKVCache:
         return self._keys.numel() + self._values.numel()
 
     # -- writing ----------------------------------------------------------------------------------
-    def _check(self, name: str, x: torch.Tensor, heads: int) -> None:
-        expected = (self.batch_size, heads, self.head_dim)
-        if x.dim() != 4 or (x.shape[0], x.shape[2], x.shape[3]) != expected:
-            raise ValueError(
-                f"{name} must have shape (batch={self.batch_size}, seq, heads={heads}, head_dim={self.head_dim}), "
-                f"but got {tuple(x.shape)}"
-            )
-
     def _lanes_of(self, store: torch.Tensor, idx: int) -> torch.Tensor:
         """Slot ``idx``'s lanes of ``store`` as ``(b, len(slot.kv_heads), rows per lane, d)`` (a view)."""
         first, cap = self._slot_rows[idx]
